@@ -1,0 +1,28 @@
+"""reformer: Transformers for very long sequences (LSH attention, reversible layers, chunking)."""
+
+from .attention import (
+    FullSelfAttention,
+    LocalSelfAttention,
+    LSHSelfAttention,
+    full_attention,
+    local_attention,
+    lsh_attention,
+)
+from .config import ReformerConfig
+from .model import ReformerLM
+from .reversible import ReformerBlock, ReversibleSequence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FullSelfAttention",
+    "LSHSelfAttention",
+    "LocalSelfAttention",
+    "ReformerBlock",
+    "ReformerConfig",
+    "ReformerLM",
+    "ReversibleSequence",
+    "full_attention",
+    "local_attention",
+    "lsh_attention",
+]

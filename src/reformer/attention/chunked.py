@@ -1,0 +1,249 @@
+"""Attention over chunks of a permuted sequence: the memory-lean core shared by LSH and local attention.
+
+Every query chunk attends to a few neighbouring key chunks. Which rows form a chunk is given by row
+indices, so the same code serves LSH attention (rows sorted by bucket, one run per hash round) and
+local attention (rows in order, one run). The hash rounds of a query are combined by their
+log-sum-exp weights, which is the same as one softmax over all the keys a query sees in all rounds;
+the backward pass uses that identity and recomputes the scores block by block, as FlashAttention
+does, so memory stays O(length): no (chunk x keys) score tensor outlives one block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The trax/HF mask constants (REFERENCE.md step 7). Scores are always kept in float32 here, so the
+# float32 constants serve every input dtype.
+MASK_VALUE = -1e9
+SELF_MASK_VALUE = -1e5
+# Scores held at once: (chunks in a block) x chunk x keys. 2**22 float32 values is 16 MiB.
+BLOCK_SCORES = 2**22
+
+
+@dataclass
+class ChunkPlan:
+    """Which rows attend to which, for ``slices`` independent (batch, head) slices.
+
+    Attributes:
+        chunk_rows: ``(slices * rounds * chunks, chunk)`` int64 rows of the flattened
+            ``(slices * length, dim)`` inputs, round-major within a slice.
+        neighbours: ``(slices * rounds * chunks, window)`` int64 indices into ``chunk_rows`` of the key
+            chunks each query chunk attends to, in order.
+        key_valid: ``(slices * length,)`` bool, False for padding keys, or None.
+        rounds: hash rounds per slice (1 for local and exact attention).
+        causal: mask keys at later positions than the query.
+        self_mask: give a query's own key the low score -1e5 (shared-QK attention).
+    """
+
+    chunk_rows: torch.Tensor
+    neighbours: torch.Tensor
+    key_valid: torch.Tensor | None
+    slices: int
+    rounds: int
+    causal: bool
+    self_mask: bool
+
+    def blocks(self) -> list[torch.Tensor]:
+        """Query chunk ids in processing order, grouped so that each block stays within one round.
+
+        A row appears once per round, so inside a block every query row is distinct.
+        """
+        n_chunks, chunk = self.chunk_rows.shape
+        window = self.neighbours.shape[1]
+        per_round = n_chunks // (self.slices * self.rounds)
+        per_block = max(1, BLOCK_SCORES // (chunk * chunk * window))
+        device = self.chunk_rows.device
+        slice_start = torch.arange(self.slices, device=device)[:, None] * (self.rounds * per_round)
+        within = torch.arange(per_round, device=device)[None, :]
+        blocks = []
+        for r in range(self.rounds):
+            ids = (slice_start + r * per_round + within).reshape(-1)
+            blocks.extend(ids.split(per_block))
+        return blocks
+
+
+def chunk_neighbours(
+    real_chunks: torch.Tensor | None,
+    batch: int,
+    rounds: int,
+    chunks: int,
+    before: int,
+    after: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Neighbour chunk ids ``(batch, rounds * chunks, before + 1 + after)`` within one slice.
+
+    Chunk ``i`` of the round-concatenated sequence looks at ``i - before .. i + after``, wrapping
+    around at the ends (trax and HF do the same; causal masking makes the wrap harmless for decoders).
+    Chunks made only of padding are skipped over: ``real_chunks`` ``(batch,)`` says how many chunks
+    of each round hold real tokens (padding sorts last), so the keys a real token sees do not depend
+    on how much padding follows it.
+    """
+    ids = torch.arange(rounds * chunks, device=device)
+    deltas = torch.arange(-before, after + 1, device=device)
+    plain = (ids[:, None] + deltas) % (rounds * chunks)
+    if real_chunks is None:
+        return plain.expand(batch, -1, -1)
+    m = real_chunks.clamp(1, chunks).view(batch, 1, 1)
+    rnd, pos = ids // chunks, ids % chunks
+    compact = (rnd * m.squeeze(-1) + pos)[..., None] + deltas  # (batch, rounds*chunks, window)
+    compact = compact % (rounds * m)
+    mapped = (compact // m) * chunks + compact % m
+    is_real = (pos[None, :] < m.view(batch, 1))[..., None]
+    return torch.where(is_real, mapped, plain)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Softmax statistics and accumulators: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _scores(q, k, plan: ChunkPlan, q_rows, k_rows):
+    """Masked scores ``(n, chunk, window*chunk)`` (at least float32) and the mask of constant entries."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q))
+    fixed = None
+    if plan.causal:
+        fixed = q_rows[:, :, None] < k_rows[:, None, :]
+    if plan.key_valid is not None:
+        padding = ~_take(plan.key_valid, k_rows)[:, None, :]
+        fixed = padding if fixed is None else fixed | padding
+    if fixed is not None:
+        scores.masked_fill_(fixed, MASK_VALUE)
+    if plan.self_mask:
+        is_self = q_rows[:, :, None] == k_rows[:, None, :]
+        scores.masked_fill_(is_self, SELF_MASK_VALUE)
+        fixed = is_self if fixed is None else fixed | is_self
+    return scores, fixed
+
+
+def _block_rows(plan: ChunkPlan, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows ``(n, chunk)`` and key rows ``(n, window * chunk)`` of the chunks in ``block``."""
+    n, window = block.shape[0], plan.neighbours.shape[1]
+    q_rows = plan.chunk_rows.index_select(0, block)
+    per_slice = plan.chunk_rows.shape[0] // plan.slices
+    slice_base = block - block % per_slice
+    k_chunks = plan.neighbours.index_select(0, block) + slice_base[:, None]
+    k_rows = plan.chunk_rows.index_select(0, k_chunks.reshape(-1)).view(n, window * plan.chunk_rows.shape[1])
+    return q_rows, k_rows
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` for 2-D ``rows`` ``(n, m)``: ``(n, m, ...)``, through the faster index_select."""
+    return x.index_select(0, rows.reshape(-1)).view(*rows.shape, *x.shape[1:])
+
+
+def _dropout_mask(shape, p: float, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(dtype).div_(1.0 - p)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: ChunkPlan, dropout_p: float, seed: int | None):
+        rows, acc_dtype = q.shape[0], _acc_dtype(q)
+        acc = torch.zeros(rows, v.shape[1], dtype=acc_dtype, device=q.device)
+        run_max = torch.full((rows,), float("-inf"), dtype=acc_dtype, device=q.device)
+        run_sum = torch.zeros(rows, dtype=acc_dtype, device=q.device)
+        generator = _generator(seed, q.device)
+        blocks = plan.blocks()
+        per_round = len(blocks) // plan.rounds
+        for i, block in enumerate(blocks):
+            q_rows, k_rows = _block_rows(plan, block)
+            scores, _ = _scores(_take(q, q_rows), _take(k, k_rows), plan, q_rows, k_rows)
+            # Softmax with a single exp pass; the 1/sum is applied to the (smaller) output.
+            row_max = scores.amax(dim=-1, keepdim=True)
+            weights = scores.sub_(row_max).exp_()
+            row_sum = weights.sum(dim=-1)
+            if dropout_p > 0.0:
+                weights.mul_(_dropout_mask(weights.shape, dropout_p, generator, q.device, acc_dtype))
+            out = torch.matmul(weights.to(v.dtype), _take(v, k_rows)).to(acc_dtype)
+            out = out.div_(row_sum[..., None]).flatten(0, 1)
+            flat_rows, lse = q_rows.reshape(-1), (row_max.squeeze(-1) + row_sum.log()).reshape(-1)
+            if i < per_round:  # first round: nothing to merge with yet
+                acc.index_copy_(0, flat_rows, out)
+                run_max.index_copy_(0, flat_rows, lse)
+                run_sum.index_fill_(0, flat_rows, 1.0)
+                continue
+            # Later rounds: online log-sum-exp merge (REFERENCE.md step 9).
+            old_max = run_max[flat_rows]
+            new_max = torch.maximum(old_max, lse)
+            old_scale, new_scale = (old_max - new_max).exp_(), (lse - new_max).exp_()
+            acc.index_copy_(0, flat_rows, acc[flat_rows] * old_scale[:, None] + out * new_scale[:, None])
+            run_sum.index_copy_(0, flat_rows, run_sum[flat_rows] * old_scale + new_scale)
+            run_max.index_copy_(0, flat_rows, new_max)
+        out = (acc / run_sum[:, None]).to(v.dtype)
+        total_lse = run_max + run_sum.log()
+        ctx.save_for_backward(q, k, v, out, total_lse)
+        ctx.plan, ctx.dropout_p, ctx.seed = plan, dropout_p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, total_lse = ctx.saved_tensors
+        plan, dropout_p = ctx.plan, ctx.dropout_p
+        grad_out, acc_dtype = grad_out.contiguous(), _acc_dtype(q)
+        delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
+        generator = _generator(ctx.seed, q.device)
+        for block in plan.blocks():
+            q_rows, k_rows = _block_rows(plan, block)
+            q_blk, k_blk, v_blk = _take(q, q_rows), _take(k, k_rows), _take(v, k_rows)
+            g_blk = _take(grad_out, q_rows)
+            scores, fixed = _scores(q_blk, k_blk, plan, q_rows, k_rows)
+            # One softmax over all rounds: P = exp(s - LSE_total).
+            probs = scores.sub_(_take(total_lse, q_rows)[..., None]).exp_()
+            grad_probs = torch.matmul(g_blk, v_blk.transpose(-1, -2)).to(acc_dtype)
+            if dropout_p > 0.0:
+                keep = _dropout_mask(probs.shape, dropout_p, generator, q.device, acc_dtype)
+                dv_blk = torch.matmul((probs * keep).transpose(-1, -2).to(g_blk.dtype), g_blk)
+                grad_probs.mul_(keep)
+            else:
+                dv_blk = torch.matmul(probs.transpose(-1, -2).to(g_blk.dtype), g_blk)
+            grad_scores = probs.mul_(grad_probs.sub_(_take(delta, q_rows)[..., None]))
+            if fixed is not None:
+                grad_scores.masked_fill_(fixed, 0.0)
+            grad_scores = grad_scores.to(q.dtype)
+            flat_q, flat_k = q_rows.reshape(-1), k_rows.reshape(-1)
+            dq.index_add_(0, flat_q, torch.matmul(grad_scores, k_blk).to(acc_dtype).flatten(0, 1))
+            dk.index_add_(
+                0, flat_k, torch.matmul(grad_scores.transpose(-1, -2), q_blk).to(acc_dtype).flatten(0, 1)
+            )
+            dv.index_add_(0, flat_k, dv_blk.to(acc_dtype).flatten(0, 1))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def draw_call_seed() -> int:
+    """A 62-bit seed from the default CPU generator (follows ``torch.manual_seed``; no device sync)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: ChunkPlan,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Attention of every query chunk over its neighbour chunks, rounds combined by log-sum-exp.
+
+    Args:
+        q, k: ``(slices * length, dim)`` queries and keys, rows addressed by ``plan``.
+        v: ``(slices * length, dim_v)``.
+        plan: the chunking (see :class:`ChunkPlan`).
+        dropout_p: attention-probability dropout; needs ``seed`` so the backward replays the masks.
+
+    Returns:
+        ``(slices * length, dim_v)`` in ``v``'s dtype.
+    """
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("attention dropout needs a seed so that the backward pass can replay its masks")
+    return _ChunkedAttention.apply(q, k, v, plan, dropout_p, seed)

@@ -1,0 +1,82 @@
+"""Exact attention through ``torch.nn.functional.scaled_dot_product_attention`` (short sequences)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masks import check_attention_inputs
+
+
+def full_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Exact softmax attention, scale 1/sqrt(head_dim).
+
+    Args:
+        q, k: ``(batch, heads, length, head_dim)``; v: ``(batch, heads, length, head_dim_v)``.
+        attention_mask: ``(batch, length)``, 1/True for real tokens. A padding query attends to itself
+            so that no row is empty (its output is ignored anyway).
+
+    Returns:
+        ``(batch, heads, length, head_dim_v)``.
+    """
+    key_valid = check_attention_inputs(q, v, attention_mask)
+    if key_valid is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    length = q.shape[2]
+    allowed = key_valid[:, None, None, :].expand(-1, 1, length, -1)
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+class FullSelfAttention(nn.Module):
+    """Exact self-attention with its projections. ``(batch, length, d_model)`` -> same shape."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        d_head: int | None = None,
+        causal: bool = False,
+        attn_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        d_head = d_head or d_model // n_heads
+        self.n_heads, self.d_head, self.causal, self.attn_dropout = n_heads, d_head, causal, attn_dropout
+        self.to_q = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.to_k = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.to_v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.to_out = nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        n_hashes: int | None = None,
+        replay: dict | None = None,
+    ) -> torch.Tensor:
+        """``x``: ``(batch, length, d_model)``; ``n_hashes`` and ``replay`` are accepted and ignored
+        (SDPA's dropout draws from the default generator, whose state the reversible stack restores)."""
+        batch, length, _ = x.shape
+        q, k, v = (
+            proj(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
+            for proj in (self.to_q, self.to_k, self.to_v)
+        )
+        dropout_p = self.attn_dropout if self.training else 0.0
+        out = full_attention(q, k, v, causal=self.causal, attention_mask=attention_mask, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.d_head)
+        return self.dropout(self.to_out(out))

@@ -1,0 +1,127 @@
+"""Chunked local attention: each chunk of positions attends to itself and its neighbour chunks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed
+from .masks import check_attention_inputs, pad_to_multiple
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    chunk_size: int = 128,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    n_chunks_before: int = 1,
+    n_chunks_after: int = 0,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> torch.Tensor:
+    """Attention within windows of chunks in original order (keys scaled by 1/sqrt(head_dim)).
+
+    Chunk ``i`` sees chunks ``i - n_chunks_before .. i + n_chunks_after``, wrapping around at the ends
+    as trax and HF do (causal masking hides the wrapped keys from decoders); trailing padding is
+    skipped over. Sequences up to ``chunk_size`` get exact attention.
+
+    Args:
+        q, k: ``(batch, heads, length, head_dim)``; v: ``(batch, heads, length, head_dim_v)``.
+        attention_mask: ``(batch, length)``, 1/True for real tokens.
+
+    Returns:
+        ``(batch, heads, length, head_dim_v)``.
+    """
+    key_valid = check_attention_inputs(q, v, attention_mask)
+    if k.shape != q.shape:
+        raise ValueError(f"k {tuple(k.shape)} must have q's shape {tuple(q.shape)}")
+    batch, heads, length, _ = q.shape
+    k = k / math.sqrt(q.shape[-1])
+    slices = batch * heads
+    chunk = min(chunk_size, length)
+    padded = -(-length // chunk) * chunk
+    chunks = padded // chunk
+    q, k, v, key_valid = pad_to_multiple(padded, q, k, v, key_valid=key_valid)
+    real_chunks = None
+    if key_valid is not None:
+        # Chunks up to the last real token; trailing all-padding chunks are skipped by the wrap.
+        positions = torch.arange(1, padded + 1, device=q.device)
+        extent = (key_valid * positions).amax(-1)
+        real_chunks = (extent + chunk - 1) // chunk
+    window = (n_chunks_before, n_chunks_after) if chunks > 1 else (0, 0)
+    neighbours = chunk_neighbours(real_chunks, batch, 1, chunks, *window, q.device)
+    plan = ChunkPlan(
+        chunk_rows=torch.arange(slices * padded, device=q.device).view(slices * chunks, chunk),
+        neighbours=neighbours[:, None].expand(batch, heads, -1, -1).reshape(slices * chunks, -1),
+        key_valid=None if key_valid is None else key_valid[:, None].expand(batch, heads, padded).reshape(-1),
+        slices=slices,
+        rounds=1,
+        causal=causal,
+        self_mask=False,
+    )
+    rows = [t.reshape(-1, t.shape[-1]) for t in (q, k, v)]
+    out = chunked_attention(*rows, plan, dropout_p, dropout_seed)
+    return out.view(batch, heads, padded, -1)[:, :, :length]
+
+
+class LocalSelfAttention(nn.Module):
+    """Local self-attention with separate query, key, value and output projections.
+
+    Shapes: ``x`` ``(batch, length, d_model)`` -> ``(batch, length, d_model)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        d_head: int | None = None,
+        chunk_size: int = 128,
+        causal: bool = False,
+        n_chunks_before: int = 1,
+        n_chunks_after: int = 0,
+        attn_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        d_head = d_head or d_model // n_heads
+        self.n_heads, self.d_head, self.chunk_size, self.causal = n_heads, d_head, chunk_size, causal
+        self.n_chunks_before, self.n_chunks_after, self.attn_dropout = (
+            n_chunks_before,
+            n_chunks_after,
+            attn_dropout,
+        )
+        self.to_q = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.to_k = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.to_v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.to_out = nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        n_hashes: int | None = None,
+        replay: dict | None = None,
+    ) -> torch.Tensor:
+        """``x``: ``(batch, length, d_model)``; ``n_hashes`` and ``replay`` are accepted and ignored."""
+        batch, length, _ = x.shape
+        q, k, v = (
+            proj(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
+            for proj in (self.to_q, self.to_k, self.to_v)
+        )
+        dropout_p = self.attn_dropout if self.training else 0.0
+        dropout_seed = draw_call_seed() if dropout_p > 0.0 else None
+        out = local_attention(
+            q, k, v, chunk_size=self.chunk_size, causal=self.causal, attention_mask=attention_mask,
+            n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
+            dropout_p=dropout_p, dropout_seed=dropout_seed,
+        )  # fmt: skip
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.d_head)
+        return self.dropout(self.to_out(out))

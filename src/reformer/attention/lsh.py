@@ -1,0 +1,243 @@
+"""LSH self-attention (Reformer paper, section 2): the functional core and the module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import validate_n_buckets
+from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, sort_by_bucket
+from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed
+from .masks import check_attention_inputs, pad_to_multiple
+
+
+def normalize_keys(qk: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Shared-QK keys: unit RMS over the head dimension, then divided by sqrt(head_dim) (trax/HF)."""
+    keys = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + eps)
+    return keys / math.sqrt(qk.shape[-1])
+
+
+def lsh_sort_indices(
+    qk: torch.Tensor,
+    *,
+    n_hashes: int,
+    n_buckets: int | tuple[int, ...],
+    key_padding_mask: torch.Tensor | None = None,
+    rotations: torch.Tensor | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Hash ``qk`` and sort every round by (bucket, position).
+
+    Args:
+        qk: ``(batch, heads, length, head_dim)``.
+        key_padding_mask: ``(batch, length)`` bool, True for real tokens; padding sorts last.
+        rotations: ``(heads, head_dim, n_hashes, sum(factors) // 2)``; drawn (from ``seed`` if given)
+            when None.
+
+    Returns:
+        ``(batch, heads, n_hashes, length)`` int64 positions.
+    """
+    _, heads, _, head_dim = qk.shape
+    if rotations is None:
+        rotations = draw_rotations(heads, head_dim, n_hashes, n_buckets, seed=seed, device=qk.device)
+    buckets = hash_vectors(qk.detach(), rotations, n_buckets)
+    return sort_by_bucket(buckets, key_padding_mask)
+
+
+def lsh_attention(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bucket_size: int = 64,
+    n_hashes: int = 4,
+    n_buckets: int | tuple[int, ...] | None = None,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    n_chunks_before: int = 1,
+    n_chunks_after: int = 0,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    rotations: torch.Tensor | None = None,
+    hash_seed: int | None = None,
+    sort_indices: torch.Tensor | None = None,
+    return_sort_indices: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Shared-QK LSH attention of every position over the chunks its hash buckets fall in.
+
+    Positions are hashed ``n_hashes`` times, sorted by (bucket, position) in each round, and cut into
+    chunks of ``bucket_size`` that attend to themselves and ``n_chunks_before`` / ``n_chunks_after``
+    neighbours. A query never attends to its own key unless nothing else is allowed; with ``causal``
+    no query sees a later position. The rounds are combined with their log-sum-exp weights.
+    Sequences up to ``bucket_size`` long get exact shared-QK attention (one chunk, no hashing).
+
+    Args:
+        qk: ``(batch, heads, length, head_dim)`` shared queries/keys (keys are normalised here).
+        v: ``(batch, heads, length, head_dim_v)`` values.
+        n_buckets: an even integer or even factors; None picks about two buckets per chunk.
+        attention_mask: ``(batch, length)``, nonzero/True for real tokens, zero/False for padding.
+        dropout_p: dropout on the attention probabilities; ``dropout_seed`` makes it replayable.
+        rotations: explicit hash rotations ``(heads, head_dim, n_hashes, sum(factors) // 2)``.
+        hash_seed: draw the rotations from this seed (ignored when ``rotations`` is given); without
+            either they are drawn from the default generator.
+        sort_indices: ``(batch, heads, n_hashes, padded_length)`` from an earlier call, to replay it.
+        return_sort_indices: also return the sort indices used (None for the exact short path).
+
+    Returns:
+        ``(batch, heads, length, head_dim_v)`` in ``v``'s dtype (and the sort indices if asked).
+    """
+    key_valid = check_attention_inputs(qk, v, attention_mask, "qk")
+    if n_hashes < 1:
+        raise ValueError(f"n_hashes={n_hashes} must be at least 1")
+    validate_n_buckets(n_buckets)
+    batch, heads, length, head_dim = qk.shape
+    keys = normalize_keys(qk)
+
+    if length <= bucket_size:  # one chunk holds everything: exact attention, as trax and HF do
+        plan = _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask=True, device=qk.device)
+        out = chunked_attention(_rows(qk), _rows(keys), _rows(v), plan, dropout_p, dropout_seed)
+        out = out.view(batch, heads, length, v.shape[-1])
+        return (out, None) if return_sort_indices else out
+
+    padded = -(-length // bucket_size) * bucket_size
+    chunks = padded // bucket_size
+    qk_p, keys_p, v_p, key_valid = pad_to_multiple(padded, qk, keys, v, key_valid=key_valid)
+    if sort_indices is None:
+        n_buckets = n_buckets if n_buckets is not None else auto_n_buckets(padded, bucket_size)
+        sort_indices = lsh_sort_indices(
+            qk_p,
+            n_hashes=n_hashes,
+            n_buckets=n_buckets,
+            key_padding_mask=key_valid,
+            rotations=rotations,
+            seed=hash_seed,
+        )
+    elif sort_indices.shape != (batch, heads, n_hashes, padded):
+        raise ValueError(
+            f"sort_indices has shape {tuple(sort_indices.shape)}, expected "
+            f"{(batch, heads, n_hashes, padded)} for this input and n_hashes={n_hashes}"
+        )
+
+    slices = batch * heads
+    offsets = torch.arange(slices, device=qk.device).view(batch, heads, 1, 1) * padded
+    chunk_rows = (sort_indices + offsets).view(slices * n_hashes * chunks, bucket_size)
+    real_chunks = None
+    if key_valid is not None:
+        real_chunks = (key_valid.sum(-1) + bucket_size - 1) // bucket_size
+    neighbours = chunk_neighbours(
+        real_chunks, batch, n_hashes, chunks, n_chunks_before, n_chunks_after, qk.device
+    )
+    neighbours = neighbours[:, None].expand(batch, heads, -1, -1).reshape(slices * n_hashes * chunks, -1)
+    plan = ChunkPlan(
+        chunk_rows=chunk_rows,
+        neighbours=neighbours,
+        key_valid=None if key_valid is None else key_valid[:, None].expand(batch, heads, padded).reshape(-1),
+        slices=slices,
+        rounds=n_hashes,
+        causal=causal,
+        self_mask=True,
+    )
+    out = chunked_attention(_rows(qk_p), _rows(keys_p), _rows(v_p), plan, dropout_p, dropout_seed)
+    out = out.view(batch, heads, padded, v.shape[-1])[:, :, :length]
+    return (out, sort_indices) if return_sort_indices else out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask, device) -> ChunkPlan:
+    slices = batch * heads
+    return ChunkPlan(
+        chunk_rows=torch.arange(slices * length, device=device).view(slices, length),
+        neighbours=torch.zeros(slices, 1, dtype=torch.long, device=device),
+        key_valid=None if key_valid is None else key_valid[:, None].expand(batch, heads, length).reshape(-1),
+        slices=slices,
+        rounds=1,
+        causal=causal,
+        self_mask=self_mask,
+    )
+
+
+class LSHSelfAttention(nn.Module):
+    """LSH self-attention with its projections: shared query/key, value, and output.
+
+    Rotations: with ``hash_seed`` set they are fixed for every call (HF's meaning of the setting);
+    otherwise fresh ones are drawn on every training call and ``eval_hash_seed`` makes eval
+    deterministic.
+
+    Shapes: ``x`` ``(batch, length, d_model)`` -> ``(batch, length, d_model)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        d_head: int | None = None,
+        bucket_size: int = 64,
+        n_hashes: int = 4,
+        n_buckets: int | tuple[int, ...] | None = None,
+        causal: bool = False,
+        n_chunks_before: int = 1,
+        n_chunks_after: int = 0,
+        attn_dropout: float = 0.0,
+        dropout: float = 0.0,
+        hash_seed: int | None = None,
+        eval_hash_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if d_head is None:
+            if d_model % n_heads != 0:
+                raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; set d_head")
+            d_head = d_model // n_heads
+        validate_n_buckets(n_buckets)
+        self.n_heads, self.d_head = n_heads, d_head
+        self.bucket_size, self.n_hashes, self.n_buckets = bucket_size, n_hashes, n_buckets
+        self.causal = causal
+        self.n_chunks_before, self.n_chunks_after = n_chunks_before, n_chunks_after
+        self.attn_dropout, self.hash_seed, self.eval_hash_seed = attn_dropout, hash_seed, eval_hash_seed
+        self.to_qk = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.to_v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.to_out = nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        n_hashes: int | None = None,
+        replay: dict | None = None,
+    ) -> torch.Tensor:
+        """``x``: ``(batch, length, d_model)``; ``attention_mask``: ``(batch, length)``, 1 = real token.
+
+        ``n_hashes`` overrides the number of rounds for this call. ``replay`` is a dict that records the
+        sort indices on its first use and replays them afterwards: the reversible stack uses it so that
+        the recomputation sees exactly the buckets of the forward pass, even where the reconstructed
+        input differs from the original in the last bits.
+        """
+        batch, length, _ = x.shape
+        qk = self.to_qk(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
+        v = self.to_v(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
+        n_hashes = n_hashes or self.n_hashes
+        dropout_p = self.attn_dropout if self.training else 0.0
+        # One draw from the default generator per training call seeds both the rotations and the
+        # dropout masks, so a recomputation from a restored RNG state replays both.
+        call_seed = draw_call_seed() if self.training and (self.hash_seed is None or dropout_p > 0) else None
+        hash_seed = self.hash_seed
+        if hash_seed is None:
+            hash_seed = call_seed if self.training else self.eval_hash_seed
+        replay = {} if replay is None else replay
+        out, sort_indices = lsh_attention(
+            qk, v,
+            bucket_size=self.bucket_size, n_hashes=n_hashes, n_buckets=self.n_buckets, causal=self.causal,
+            attention_mask=attention_mask, n_chunks_before=self.n_chunks_before,
+            n_chunks_after=self.n_chunks_after, dropout_p=dropout_p,
+            dropout_seed=None if call_seed is None else call_seed + 1,
+            hash_seed=hash_seed, sort_indices=replay.get("sort_indices"), return_sort_indices=True,
+        )  # fmt: skip
+        replay["sort_indices"] = sort_indices
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.d_head)
+        return self.dropout(self.to_out(out))

@@ -1,0 +1,125 @@
+"""Random-rotation locality-sensitive hashing (Reformer paper, section 2.1).
+
+A vector ``x`` falls into bucket ``argmax([xR; -xR])`` for a random Gaussian matrix ``R``; with
+factorised bucket counts ``[f1, f2, ...]`` each factor hashes its own slice of ``xR`` and the ids are
+combined as ``b1 + f1 * b2 + f1 * f2 * b3 + ...``. Every hash round draws its own rotations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_UNFACTORISED_BUCKETS = 128
+
+
+def auto_n_buckets(length: int, bucket_size: int) -> int | tuple[int, int]:
+    """About two buckets per chunk of ``bucket_size`` (the paper's choice), at least 2.
+
+    Above 128 buckets the count is rounded to a power of two and factorised into two factors so that
+    the rotated vectors stay small: 512 -> (16, 32).
+    """
+    n_buckets = 2 * max(1, -(-length // bucket_size))
+    if n_buckets <= MAX_UNFACTORISED_BUCKETS:
+        return n_buckets
+    exponent = round(math.log2(n_buckets))
+    return 2 ** (exponent // 2), 2 ** (exponent - exponent // 2)
+
+
+def bucket_factors(n_buckets: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    return tuple(n_buckets) if isinstance(n_buckets, (tuple, list)) else (int(n_buckets),)
+
+
+def total_buckets(n_buckets: int | tuple[int, ...] | list[int]) -> int:
+    return math.prod(bucket_factors(n_buckets))
+
+
+def rotation_shape(
+    n_heads: int, head_dim: int, n_hashes: int, n_buckets: int | tuple[int, ...]
+) -> tuple[int, int, int, int]:
+    """Shape of the rotations: ``(n_heads, head_dim, n_hashes, sum(factors) // 2)`` (HF's layout)."""
+    return n_heads, head_dim, n_hashes, sum(bucket_factors(n_buckets)) // 2
+
+
+def draw_rotations(
+    n_heads: int,
+    head_dim: int,
+    n_hashes: int,
+    n_buckets: int | tuple[int, ...],
+    *,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Gaussian rotations, float32, shape ``(n_heads, head_dim, n_hashes, sum(factors) // 2)``.
+
+    With ``seed`` they come from a private CPU generator (the same numbers on every device, and the
+    same numbers HF transformers draws after ``torch.manual_seed(seed)``); without it from the default
+    generator of ``device``, i.e. fresh ones that follow the user's ``torch.manual_seed``.
+    """
+    shape = rotation_shape(n_heads, head_dim, n_hashes, n_buckets)
+    if seed is None:
+        return torch.randn(shape, device=device, dtype=torch.float32)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def _argmax_of_plus_minus(rotated: torch.Tensor) -> torch.Tensor:
+    """``argmax(cat([x, -x], -1), -1)`` without materialising the concatenation (same tie-breaking)."""
+    top, top_idx = rotated.max(dim=-1)
+    bottom, bottom_idx = rotated.min(dim=-1)
+    return torch.where(top >= -bottom, top_idx, bottom_idx + rotated.shape[-1])
+
+
+@torch.no_grad()
+def hash_vectors(
+    vectors: torch.Tensor, rotations: torch.Tensor, n_buckets: int | tuple[int, ...]
+) -> torch.Tensor:
+    """Bucket ids of ``vectors`` under ``rotations``.
+
+    Args:
+        vectors: ``(batch, heads, length, head_dim)``, any float dtype (hashed in float32).
+        rotations: ``(heads, head_dim, n_hashes, sum(factors) // 2)`` float.
+        n_buckets: an even integer or a tuple of even factors.
+
+    Returns:
+        ``(batch, heads, n_hashes, length)`` int64 ids in ``[0, prod(factors))``.
+    """
+    factors = bucket_factors(n_buckets)
+    if rotations.shape[-1] * 2 != sum(factors):
+        raise ValueError(
+            f"rotations have {rotations.shape[-1]} columns but n_buckets={n_buckets} needs "
+            f"{sum(factors) // 2}"
+        )
+    vectors = vectors.float()
+    rotations = rotations.to(device=vectors.device, dtype=torch.float32)
+    rounds = []
+    for r in range(rotations.shape[2]):  # one round at a time: (B, H, L, n_rot/2) stays small
+        rotated = torch.einsum("bhld,hdk->bhlk", vectors, rotations[:, :, r])
+        buckets, start, stride = None, 0, 1
+        for factor in factors:
+            ids = _argmax_of_plus_minus(rotated[..., start : start + factor // 2])
+            buckets = ids if buckets is None else buckets + stride * ids
+            start += factor // 2
+            stride *= factor
+        rounds.append(buckets)
+    return torch.stack(rounds, dim=2)
+
+
+@torch.no_grad()
+def sort_by_bucket(buckets: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions sorted by (bucket, position) in every round; padding sorts last.
+
+    Args:
+        buckets: ``(batch, heads, n_hashes, length)`` int64 bucket ids.
+        key_padding_mask: ``(batch, length)`` bool, True for real tokens, or None.
+
+    Returns:
+        ``(batch, heads, n_hashes, length)`` int64 positions: round ``r`` lists ``0..length-1`` in
+        bucket order, ties broken by position (the sort is stable).
+    """
+    if key_padding_mask is not None:
+        # The paper's extra bucket for padding: one past the largest id, so padding sorts last.
+        pad_bucket = torch.iinfo(torch.int64).max
+        buckets = buckets.masked_fill(~key_padding_mask[:, None, None, :], pad_bucket)
+    return torch.sort(buckets, dim=-1, stable=True).indices

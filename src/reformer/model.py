@@ -1,0 +1,279 @@
+"""ReformerLM: embeddings -> reversible stack of attention/feed-forward blocks -> LM head."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
+from .config import ReformerConfig
+from .embeddings import ReformerEmbeddings
+from .feedforward import FeedForward
+from .reversible import ReformerBlock, ReversibleSequence
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Seeds for the eval-mode rotations of layer i when no hash_seed is configured.
+EVAL_HASH_SEED_BASE = 1_000_003
+
+
+def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
+    common = dict(d_head=cfg.d_head, causal=cfg.causal, attn_dropout=cfg.attn_dropout, dropout=cfg.dropout)
+    if kind == "lsh":
+        return LSHSelfAttention(
+            cfg.d_model, cfg.n_heads, bucket_size=cfg.bucket_size, n_hashes=cfg.n_hashes,
+            n_buckets=cfg.n_buckets, n_chunks_before=cfg.lsh_chunks_before,
+            n_chunks_after=cfg.lsh_chunks_after, hash_seed=cfg.hash_seed,
+            eval_hash_seed=EVAL_HASH_SEED_BASE + layer, **common,
+        )  # fmt: skip
+    if kind == "local":
+        return LocalSelfAttention(
+            cfg.d_model, cfg.n_heads, chunk_size=cfg.local_chunk_size,
+            n_chunks_before=cfg.local_chunks_before, n_chunks_after=cfg.local_chunks_after, **common,
+        )  # fmt: skip
+    return FullSelfAttention(cfg.d_model, cfg.n_heads, **common)
+
+
+class ReformerLM(nn.Module):
+    """A Reformer language model.
+
+    ``input_ids`` ``(batch, length)`` int64 in ``[0, vocab_size)`` -> logits
+    ``(batch, length, vocab_size)``. Any length up to ``max_seq_len`` works: attention pads to its chunk
+    multiples internally and masks the padding.
+    """
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ReformerConfig):
+            raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        c = config
+        self.embeddings = ReformerEmbeddings(
+            c.vocab_size, c.d_model, c.axial_pos_shape, c.axial_pos_dims, c.dropout
+        )
+        blocks = [
+            ReformerBlock(
+                build_attention(c, kind, i),
+                FeedForward(
+                    c.d_model,
+                    c.d_ff,
+                    activation=c.activation,
+                    dropout=c.dropout,
+                    chunk_size=c.ff_chunk_size,
+                    layer_norm_eps=c.layer_norm_eps,
+                ),
+                c.d_model,
+                c.layer_norm_eps,
+            )  # fmt: skip
+            for i, kind in enumerate(c.attn_layers)
+        ]
+        self.layers = ReversibleSequence(blocks, reversible=c.reversible)
+        self.final_norm = nn.LayerNorm(2 * c.d_model, eps=c.layer_norm_eps)
+        self.lm_head = nn.Linear(2 * c.d_model, c.vocab_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if length == 0:
+            raise ValueError("input_ids is empty along the length axis; give at least one token")
+        if length > self.config.max_seq_len:
+            raise ValueError(
+                f"input length {length} exceeds max_seq_len={self.config.max_seq_len}; "
+                "shorten the input or build the model with a larger max_seq_len"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                f"{tuple(input_ids.shape)}; they must match"
+            )
+        # A range check needs a host sync; torch.compile traces skip it (the embedding would fail anyway).
+        if not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, vocab_size={self.config.vocab_size}); found ids in "
+                    f"[{low}, {high}]"
+                )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        n_hashes: int | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states ``(batch, length, 2 * d_model)``."""
+        self._check_inputs(input_ids, attention_mask)
+        x = self.embeddings(input_ids.long())
+        y1, y2 = self.layers(x, x, attention_mask, n_hashes)
+        return self.final_norm(torch.cat([y1, y2], dim=-1))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        n_hashes: int | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(batch, length, vocab_size)``. ``attention_mask``: ``(batch, length)``, 1 = real token;
+        ``n_hashes`` overrides the LSH rounds for this call."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, n_hashes))
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        n_hashes: int | None = None,
+        ignore_index: int = -100,
+        chunk_size: int = 4096,
+    ) -> torch.Tensor:
+        """Mean cross-entropy in nats of ``targets`` ``(batch, length)`` int64 (``ignore_index`` skipped).
+
+        The logits are made ``chunk_size`` positions at a time and recomputed in the backward pass, so
+        ``length x vocab_size`` logits are never held at once.
+        """
+        if targets.shape != input_ids.shape:
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
+        hidden = self.hidden_states(input_ids, attention_mask, n_hashes)
+        targets = targets.to(hidden.device).long()
+        if attention_mask is not None:
+            targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for h, t in zip(hidden.split(chunk_size, dim=1), targets.split(chunk_size, dim=1), strict=True):
+            if torch.is_grad_enabled() and h.requires_grad:
+                total = total + checkpoint(self._chunk_loss, h, t, ignore_index, use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(h, t, ignore_index)
+        count = (targets != ignore_index).sum().clamp(min=1)
+        return total / count
+
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        return F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 100,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after ``input_ids`` ``(batch, length)``; returns the whole
+        ``(batch, length + max_new_tokens)`` sequence. ``temperature=0`` is greedy. Recomputes the full
+        (trailing ``max_seq_len``) context for every token; incremental caching is future work."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        was_training = self.training
+        self.eval()
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = self(ids[:, -self.config.max_seq_len :])[:, -1].float()
+            if temperature == 0:
+                next_id = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = logits.softmax(-1)
+                next_id = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, next_id.to(ids.dtype)], dim=1)
+        self.train(was_training)
+        return ids
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(
+            directory / WEIGHTS_FILE, lambda path: save_file(state, str(path), metadata={"format": "pt"})
+        )
+        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(text))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ) -> ReformerLM:
+        """Load a model written by :meth:`save_pretrained`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing; was the model saved with save_pretrained?")
+        model = cls(ReformerConfig.from_json(directory / CONFIG_FILE))
+        try:
+            state = load_file(str(weights), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(
+                f"{weights} is not a readable safetensors file ({err}); re-save the model"
+            ) from err
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{weights}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                    f"{tuple(expected[name].shape)}"
+                )
+        model.load_state_dict(state)
+        return model.to(map_location)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
