@@ -23,7 +23,9 @@ the kernel's VmHWM, runs one warm-up step and then ``--repeats`` timed steps of 
 the baseline: the larger of a 5 ms RSS sampler over the timed steps and VmHWM - baseline. A
 configuration that exceeds ``--timeout`` seconds, runs out of memory (the worker's address space is
 capped at ``--mem-limit-gib``) or crashes is recorded as such and the sweep goes on; an
-implementation that cannot be imported is recorded as ``unavailable``.
+implementation that cannot be imported is recorded as ``unavailable``. RSS counts freed memory that
+glibc keeps cached in its heap; ``--malloc mmap`` sets ``MALLOC_MMAP_THRESHOLD_`` in the workers so
+RSS follows live tensor memory instead (steps get slower, so read its times with care).
 
 Peer settings chosen for comparability: HF's ``num_buckets`` is fixed to what HF itself would pick
 automatically (2 * L / 64 rounded to a power of two, factorised into two factors above its limit),
@@ -432,10 +434,15 @@ def run_config(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         "--mem-limit-gib",
         str(args.mem_limit_gib),
     ]
-    row: dict[str, Any] = asdict(spec)
+    row: dict[str, Any] = {**asdict(spec), "malloc": args.malloc}
+    env = dict(os.environ)
+    if args.malloc == "mmap":
+        # Every allocation of 64 KiB or more gets its own mapping, returned to the OS when freed, so
+        # RSS follows live tensor memory instead of what glibc's heap keeps cached (slower steps).
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**row, "status": "timeout", "error": f"over {args.timeout:g} s", "wall_s": args.timeout}
     wall_s = time.perf_counter() - start
@@ -444,7 +451,7 @@ def run_config(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
             result = json.loads(line)
             if result["status"] not in ("ok", "unavailable", "unsupported"):
                 result["stderr_tail"] = _tail(proc.stderr)
-            return {**result, "wall_s": wall_s}
+            return {**result, "malloc": args.malloc, "wall_s": wall_s}
     # No result line: the process died (SIGKILL is most likely the kernel's OOM killer).
     status = "oom-killed" if proc.returncode == -9 else "crashed"
     error = f"exit code {proc.returncode}: {_tail(proc.stderr)}"
@@ -536,7 +543,7 @@ SECTION_TITLES = {
 }
 
 
-def report(rows: list[dict[str, Any]], sections: Sequence[str], markdown: bool) -> str:
+def report(rows: list[dict[str, Any]], sections: Sequence[str], markdown: bool, legend: str = "") -> str:
     parts: list[str] = []
     for section in sections:
         if not any(r["section"] == section for r in rows):
@@ -544,11 +551,14 @@ def report(rows: list[dict[str, Any]], sections: Sequence[str], markdown: bool) 
         headers, cells = table_rows(section, rows)
         title = SECTION_TITLES[section]
         parts.append(f"### {section}: {title}\n" if markdown else f"== {section}: {title}")
+        if legend:
+            parts.append(f"{legend}\n" if markdown else legend)
         parts.append(render(headers, cells, markdown))
         failures = [r for r in rows if r["section"] == section and r["status"] != "ok"]
         for r in failures:
             bullet = "- " if markdown else "  "
-            parts.append(f"{bullet}{r['impl']} L={r['length']}: {r['status']}: {r.get('error', '')}")
+            where = f"L={r['length']}" + (f" layers={r['layers']}" if section != "attention" else "")
+            parts.append(f"{bullet}{r['impl']} {where}: {r['status']}: {r.get('error', '')}")
         parts.append("")
     return "\n".join(parts)
 
@@ -603,6 +613,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--depth-layers", type=_csv(int), default=list(DEFAULT_DEPTH_LAYERS))
+    p.add_argument(
+        "--malloc",
+        choices=("glibc", "mmap"),
+        default="glibc",
+        help="glibc: default allocator settings (RSS includes freed memory glibc keeps cached); "
+        "mmap: MALLOC_MMAP_THRESHOLD_=64KiB so RSS tracks live tensors (slower steps)",
+    )
     p.add_argument("--ff-chunk", type=int, default=4096, help="peers' LM feed-forward chunk, in tokens")
     p.add_argument(
         "--mem-limit-gib",
@@ -641,10 +658,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = f"{row['time_s']:.3f} s, {row['peak_mib']:.0f} MiB" if _ok(row) else row.get("error", "")
         print(f"{label}: {row['status']} {detail} (wall {row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
 
-    print(report(rows, args.what, markdown=False))
+    legend = (
+        f"time: median of {args.repeats} forward+backward steps after 1 warm-up; "
+        f"peak: MiB of RSS above the built-model baseline (malloc={args.malloc})"
+    )
+    print(report(rows, args.what, markdown=False, legend=legend))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(report(rows, args.what, markdown=True))
+        args.markdown.write_text(report(rows, args.what, markdown=True, legend=legend))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2) + "\n")

@@ -54,17 +54,17 @@ class FeedForward(nn.Module):
         return torch.cat([self._forward_dense(part) for part in x.split(self.chunk_size, dim=1)], dim=1)
 
     def vjp_in_chunks(
-        self, x: torch.Tensor, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        self, x: torch.Tensor, grad_out: torch.Tensor, param_grads: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Recompute the forward chunk by chunk and backpropagate ``grad_out`` through each chunk.
 
-        Returns ``(output, grad_x, grads of self.parameters())``, so that only one chunk's
-        ``d_ff``-wide activations exist at a time. Chunks run in the forward's order, so dropout masks
-        drawn from a restored RNG state are replayed.
+        Adds the gradients of the parameters that require grad (in ``self.parameters()`` order) into
+        ``param_grads`` and returns ``(output, grad_x)``; only one chunk's ``d_ff``-wide activations
+        exist at a time. Chunks run in the forward's order, so dropout masks drawn from a restored RNG
+        state are replayed.
         """
         size = self.chunk_size or x.shape[1]
         params = [p for p in self.parameters() if p.requires_grad]
-        param_grads = [torch.zeros_like(p) for p in params]
         outputs, grads = [], []
         for part, grad_part in zip(x.split(size, dim=1), grad_out.split(size, dim=1), strict=True):
             part = part.detach().requires_grad_(True)
@@ -75,4 +75,6 @@ class FeedForward(nn.Module):
                 acc.add_(g)
             outputs.append(out.detach())
             grads.append(grad_part_x)
-        return torch.cat(outputs, dim=1), torch.cat(grads, dim=1), param_grads
+        if len(outputs) == 1:
+            return outputs[0], grads[0]
+        return torch.cat(outputs, dim=1), torch.cat(grads, dim=1)

@@ -86,14 +86,27 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y1, grad_y2):
         y1, y2 = ctx.saved_tensors
-        grads: dict[nn.Parameter, torch.Tensor] = {}
+        params = [p for block in ctx.blocks for p in block.parameters()]
+        # All parameter gradients live in one buffer allocated before any temporary: long-lived
+        # allocations made between the large short-lived ones would fragment the CPU heap, and its
+        # resident size would then grow with depth.
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=y1.dtype, device=y1.device)
+        grads = dict(
+            zip(
+                params,
+                (g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params, strict=True)),
+                strict=True,
+            )
+        )
         for block, replay, (rng_f, rng_g) in zip(
             reversed(ctx.blocks), reversed(ctx.replays), reversed(ctx.rng_states), strict=True
         ):
             # x2 = y2 - g(y1); grad of y1 picks up the feed-forward's contribution.
+            ff_params = [p for p in block.feed_forward.parameters() if p.requires_grad]
             with _maybe_restored(rng_g):
-                g_out, grad_from_g, ff_grads = block.feed_forward.vjp_in_chunks(y1, grad_y2)
-            _accumulate(grads, [p for p in block.feed_forward.parameters() if p.requires_grad], ff_grads)
+                g_out, grad_from_g = block.feed_forward.vjp_in_chunks(
+                    y1, grad_y2, [grads[p] for p in ff_params]
+                )
             x2 = y2 - g_out
             grad_y1 = grad_y1 + grad_from_g
             del g_out, grad_from_g
@@ -103,15 +116,16 @@ class _ReversibleFunction(torch.autograd.Function):
             with torch.enable_grad(), _maybe_restored(rng_f):
                 f_out = block.attend(x2_leaf, ctx.attention_mask, ctx.n_hashes, replay)
             grad_x2_from_f, *attn_grads = torch.autograd.grad(f_out, [x2_leaf, *attn_params], grad_y1)
-            _accumulate(grads, attn_params, attn_grads)
+            for p, g in zip(attn_params, attn_grads, strict=True):
+                grads[p].add_(g)
+            del attn_grads
             with torch.no_grad():
                 x1 = y1 - f_out
             del f_out
             y1, y2 = x1, x2
             grad_y2 = grad_y2 + grad_x2_from_f
             # grad_y1 (now the gradient of x1) is unchanged: x1 enters y1 with identity.
-        params = [p for block in ctx.blocks for p in block.parameters()]
-        param_grads = tuple(grads.get(p) for p in params)
+        param_grads = tuple(grads[p] if p.requires_grad else None for p in params)
         return (grad_y1, grad_y2, None, None, None, None, *param_grads)
 
 
@@ -122,12 +136,6 @@ def _maybe_restored(state: _RngState | None):
     else:
         with state.restored():
             yield
-
-
-def _accumulate(grads: dict, params: list, values: list) -> None:
-    for p, g in zip(params, values, strict=True):
-        if g is not None:
-            grads[p] = g if p not in grads else grads[p] + g
 
 
 class ReversibleSequence(nn.Module):
