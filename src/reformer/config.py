@@ -56,7 +56,7 @@ class ReformerConfig:
     attn_dropout: float = 0.0
     activation: str = "relu"
     layer_norm_eps: float = 1e-12
-    ff_chunk_size: int | None = None
+    ff_chunk_size: int | None = 4096
     reversible: bool = True
     initializer_range: float = 0.02
     extra: dict[str, Any] = field(default_factory=dict)

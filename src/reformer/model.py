@@ -114,14 +114,19 @@ class ReformerLM(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                 f"{tuple(input_ids.shape)}; they must match"
             )
-        # A range check needs a host sync; torch.compile traces skip it (the embedding would fail anyway).
-        if not torch.compiler.is_compiling():
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"token ids must lie in [0, vocab_size={self.config.vocab_size}); found ids in "
-                    f"[{low}, {high}]"
-                )
+        # On accelerators the range check must not sync with the host: assert on the device instead.
+        if torch.compiler.is_compiling():
+            return
+        if input_ids.device.type != "cpu":
+            in_range = ((input_ids >= 0) & (input_ids < self.config.vocab_size)).all()
+            torch._assert_async(in_range, f"token ids must lie in [0, vocab_size={self.config.vocab_size})")
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, vocab_size={self.config.vocab_size}); "
+                f"found ids in [{low}, {high}]"
+            )
 
     def hidden_states(
         self,
