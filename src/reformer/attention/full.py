@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .base import SelfAttentionBase
 from .masks import check_attention_inputs
 
 
@@ -39,7 +39,7 @@ def full_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
 
 
-class FullSelfAttention(nn.Module):
+class FullSelfAttention(SelfAttentionBase):
     """Exact self-attention with its projections. ``(batch, length, d_model)`` -> same shape."""
 
     def __init__(
@@ -52,14 +52,9 @@ class FullSelfAttention(nn.Module):
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        d_head = d_head or d_model // n_heads
-        self.n_heads, self.d_head, self.causal, self.attn_dropout = n_heads, d_head, causal, attn_dropout
-        self.to_q = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.to_k = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.to_v = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.to_out = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        super().__init__(d_model, n_heads, d_head, dropout)
+        self.causal, self.attn_dropout = causal, attn_dropout
+        self.to_q, self.to_k, self.to_v = self.projection(), self.projection(), self.projection()
 
     def forward(
         self,
@@ -71,12 +66,7 @@ class FullSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``x``: ``(batch, length, d_model)``; ``n_hashes`` and ``replay`` are accepted and ignored
         (SDPA's dropout draws from the default generator, whose state the reversible stack restores)."""
-        batch, length, _ = x.shape
-        q, k, v = (
-            proj(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
-            for proj in (self.to_q, self.to_k, self.to_v)
-        )
+        q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
         dropout_p = self.attn_dropout if self.training else 0.0
         out = full_attention(q, k, v, causal=self.causal, attention_mask=attention_mask, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.d_head)
-        return self.dropout(self.to_out(out))
+        return self.output(out)

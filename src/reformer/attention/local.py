@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from .base import SelfAttentionBase
 from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed
 from .masks import check_attention_inputs, pad_to_multiple
 
@@ -69,7 +69,7 @@ def local_attention(
     return out.view(batch, heads, padded, -1)[:, :, :length]
 
 
-class LocalSelfAttention(nn.Module):
+class LocalSelfAttention(SelfAttentionBase):
     """Local self-attention with separate query, key, value and output projections.
 
     Shapes: ``x`` ``(batch, length, d_model)`` -> ``(batch, length, d_model)``.
@@ -88,19 +88,10 @@ class LocalSelfAttention(nn.Module):
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        d_head = d_head or d_model // n_heads
-        self.n_heads, self.d_head, self.chunk_size, self.causal = n_heads, d_head, chunk_size, causal
-        self.n_chunks_before, self.n_chunks_after, self.attn_dropout = (
-            n_chunks_before,
-            n_chunks_after,
-            attn_dropout,
-        )
-        self.to_q = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.to_k = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.to_v = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.to_out = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        super().__init__(d_model, n_heads, d_head, dropout)
+        self.chunk_size, self.causal, self.attn_dropout = chunk_size, causal, attn_dropout
+        self.n_chunks_before, self.n_chunks_after = n_chunks_before, n_chunks_after
+        self.to_q, self.to_k, self.to_v = self.projection(), self.projection(), self.projection()
 
     def forward(
         self,
@@ -111,11 +102,7 @@ class LocalSelfAttention(nn.Module):
         replay: dict | None = None,
     ) -> torch.Tensor:
         """``x``: ``(batch, length, d_model)``; ``n_hashes`` and ``replay`` are accepted and ignored."""
-        batch, length, _ = x.shape
-        q, k, v = (
-            proj(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
-            for proj in (self.to_q, self.to_k, self.to_v)
-        )
+        q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
         dropout_p = self.attn_dropout if self.training else 0.0
         dropout_seed = draw_call_seed() if dropout_p > 0.0 else None
         out = local_attention(
@@ -123,5 +110,4 @@ class LocalSelfAttention(nn.Module):
             n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
             dropout_p=dropout_p, dropout_seed=dropout_seed,
         )  # fmt: skip
-        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.d_head)
-        return self.dropout(self.to_out(out))
+        return self.output(out)

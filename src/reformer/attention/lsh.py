@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from ..config import validate_n_buckets
 from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, sort_by_bucket
+from .base import SelfAttentionBase
 from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed
 from .masks import check_attention_inputs, pad_to_multiple
 
@@ -160,7 +160,7 @@ def _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask, devic
     )
 
 
-class LSHSelfAttention(nn.Module):
+class LSHSelfAttention(SelfAttentionBase):
     """LSH self-attention with its projections: shared query/key, value, and output.
 
     Rotations: with ``hash_seed`` set they are fixed for every call (HF's meaning of the setting);
@@ -187,21 +187,13 @@ class LSHSelfAttention(nn.Module):
         hash_seed: int | None = None,
         eval_hash_seed: int = 0,
     ) -> None:
-        super().__init__()
-        if d_head is None:
-            if d_model % n_heads != 0:
-                raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; set d_head")
-            d_head = d_model // n_heads
+        super().__init__(d_model, n_heads, d_head, dropout)
         validate_n_buckets(n_buckets)
-        self.n_heads, self.d_head = n_heads, d_head
         self.bucket_size, self.n_hashes, self.n_buckets = bucket_size, n_hashes, n_buckets
         self.causal = causal
         self.n_chunks_before, self.n_chunks_after = n_chunks_before, n_chunks_after
         self.attn_dropout, self.hash_seed, self.eval_hash_seed = attn_dropout, hash_seed, eval_hash_seed
-        self.to_qk = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.to_v = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.to_out = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.to_qk, self.to_v = self.projection(), self.projection()
 
     def forward(
         self,
@@ -218,9 +210,7 @@ class LSHSelfAttention(nn.Module):
         the recomputation sees exactly the buckets of the forward pass, even where the reconstructed
         input differs from the original in the last bits.
         """
-        batch, length, _ = x.shape
-        qk = self.to_qk(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
-        v = self.to_v(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
+        qk, v = self.split_heads(self.to_qk(x)), self.split_heads(self.to_v(x))
         n_hashes = n_hashes or self.n_hashes
         dropout_p = self.attn_dropout if self.training else 0.0
         # One draw from the default generator per training call seeds both the rotations and the
@@ -239,5 +229,4 @@ class LSHSelfAttention(nn.Module):
             hash_seed=hash_seed, sort_indices=replay.get("sort_indices"), return_sort_indices=True,
         )  # fmt: skip
         replay["sort_indices"] = sort_indices
-        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.d_head)
-        return self.dropout(self.to_out(out))
+        return self.output(out)
