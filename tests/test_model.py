@@ -223,3 +223,17 @@ def test_generate_greedy_extends_the_prompt():
 def test_public_api_names():
     for name in ("ReformerConfig", "ReformerLM", "LSHSelfAttention", "lsh_attention"):
         assert hasattr(reformer, name)
+
+
+def test_reversible_step_leaves_the_default_generator_as_a_plain_step_does():
+    cfg = small_config()
+    torch.manual_seed(0)
+    rev = ReformerLM(cfg).train()
+    plain = ReformerLM(ReformerConfig(**{**cfg.to_dict(), "reversible": False})).train()
+    ids = torch.randint(0, 50, (1, 40))
+    states = []
+    for model in (rev, plain):
+        torch.manual_seed(7)
+        model.loss(ids, ids).backward()
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])

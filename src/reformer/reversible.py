@@ -209,10 +209,9 @@ class ReversibleSequence(nn.Module):
             for block in self.blocks:
                 x1, x2 = block(x1, x2, attention_mask, n_hashes)
             return x1, x2
-        keep_rng = self.training and any(
-            isinstance(m, nn.Dropout) and m.p > 0 or getattr(m, "attn_dropout", 0.0) > 0
-            for m in self.modules()
-        )
+        # In training, layers draw from the default generators (dropout, fresh hash rotations): the
+        # recomputation must see the same draws and must leave the generators as it found them.
+        keep_rng = self.training
         params = [p for block in self.blocks for p in block.parameters()]
         return _ReversibleFunction.apply(
             x1, x2, attention_mask, n_hashes, list(self.blocks), keep_rng, *params
