@@ -54,6 +54,7 @@ class ReformerConfig:
     # regularisation and numerics
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    local_attn_dropout: float | None = None  # None: the same as attn_dropout
     activation: str = "relu"
     layer_norm_eps: float = 1e-12
     ff_chunk_size: int | None = 4096
@@ -104,8 +105,10 @@ class ReformerConfig:
         validate_n_buckets(self.n_buckets)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is unknown; use one of {ACTIVATIONS}")
-        for name in ("dropout", "attn_dropout"):
+        for name in ("dropout", "attn_dropout", "local_attn_dropout"):
             p = getattr(self, name)
+            if p is None and name == "local_attn_dropout":
+                continue
             if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
                 raise ValueError(f"{name}={p!r} must be a probability in [0, 1)")
         if self.ff_chunk_size is not None:
@@ -125,6 +128,10 @@ class ReformerConfig:
                 f"axial_pos_dims={self.axial_pos_dims} must have one entry per axis of "
                 f"axial_pos_shape={self.axial_pos_shape} and sum to d_model={self.d_model}"
             )
+
+    def local_dropout(self) -> float:
+        """Attention-probability dropout of the local layers."""
+        return self.attn_dropout if self.local_attn_dropout is None else self.local_attn_dropout
 
     # ---- JSON round-trip -------------------------------------------------------------------------
 

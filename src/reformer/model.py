@@ -34,6 +34,7 @@ def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
             eval_hash_seed=EVAL_HASH_SEED_BASE + layer, **common,
         )  # fmt: skip
     if kind == "local":
+        common["attn_dropout"] = cfg.local_dropout()
         return LocalSelfAttention(
             cfg.d_model, cfg.n_heads, chunk_size=cfg.local_chunk_size,
             n_chunks_before=cfg.local_chunks_before, n_chunks_after=cfg.local_chunks_after, **common,
@@ -220,6 +221,21 @@ class ReformerLM(nn.Module):
             ids = torch.cat([ids, next_id.to(ids.dtype)], dim=1)
         self.train(was_training)
         return ids
+
+    # ---- HF transformers interoperability ----------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, model_or_dir) -> ReformerLM:
+        """Convert an HF ``ReformerModelWithLMHead`` (object or local folder); see :mod:`reformer.hf`."""
+        from .hf import from_hf
+
+        return from_hf(model_or_dir)
+
+    def to_hf(self):
+        """This model as an HF ``ReformerModelWithLMHead`` (needs the ``[hf]`` extra)."""
+        from .hf import to_hf
+
+        return to_hf(self)
 
     # ---- checkpoints -------------------------------------------------------------------------------
 

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+import reformer
+from reformer import ReformerLM
+from reformer.hf import decode_enwik8, encode_enwik8
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(layers=("lsh", "lsh"), num_buckets=4, num_hashes=2, **overrides):
+    torch.manual_seed(0)
+    kwargs = dict(
+        vocab_size=40, hidden_size=32, num_attention_heads=2, attention_head_size=16,
+        attn_layers=list(layers), axial_pos_shape=[8, 8], axial_pos_embds_dim=[16, 16],
+        max_position_embeddings=64, feed_forward_size=64,
+        lsh_attn_chunk_length=8, local_attn_chunk_length=8, num_buckets=num_buckets, num_hashes=num_hashes,
+        is_decoder=True, hash_seed=3, hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0, pad_token_id=0, eos_token_id=None, hidden_act="gelu",
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return transformers.ReformerModelWithLMHead(transformers.ReformerConfig(**kwargs))
+
+
+CASES = [
+    (("lsh", "lsh"), 4, 1),
+    (("lsh", "lsh"), 4, 4),
+    (("lsh", "local", "lsh"), 4, 2),
+    (("local", "lsh"), [2, 4], 3),
+]
+
+
+@pytest.mark.parametrize(("layers", "num_buckets", "num_hashes"), CASES)
+@pytest.mark.parametrize("length", [64, 45, 61])
+def test_eval_logits_equal_hf(layers, num_buckets, num_hashes, length):
+    hf = hf_model(layers, num_buckets, num_hashes).eval()
+    ours = ReformerLM.from_hf(hf).eval()
+    ids = torch.randint(1, 40, (2, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = ours(ids)
+    assert (got - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(("layers", "num_buckets", "num_hashes"), CASES[1:])
+def test_training_loss_and_gradient_norm_equal_hf(layers, num_buckets, num_hashes):
+    hf = hf_model(layers, num_buckets, num_hashes).train()
+    ours = ReformerLM.from_hf(hf).train()
+    ids = torch.randint(1, 40, (2, 64), generator=torch.Generator().manual_seed(2))
+    hf_loss = hf(input_ids=ids, labels=ids).loss
+    hf_loss.backward()
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    loss = ours.loss(ids, targets)
+    loss.backward()
+    assert abs(loss.item() - hf_loss.item()) < 1e-5
+
+    def grad_norm(model):
+        return torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
+
+    assert abs(grad_norm(ours) / grad_norm(hf) - 1) < 1e-4
+
+
+def test_round_trip_ours_hf_ours_is_lossless():
+    torch.manual_seed(0)
+    cfg = reformer.ReformerConfig(
+        vocab_size=30, d_model=32, n_heads=2, n_layers=2, d_ff=48, attn_layers=("local", "lsh"),
+        bucket_size=8, n_buckets=(2, 4), n_hashes=2, hash_seed=5, max_seq_len=64, local_chunk_size=16,
+        activation="gelu_new", dropout=0.1, attn_dropout=0.05, ff_chunk_size=None,
+    )  # fmt: skip
+    ours = ReformerLM(cfg)
+    back = ReformerLM.from_hf(ours.to_hf())
+    assert back.config == cfg
+    for (name, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_from_hf_folder(tmp_path, weights):
+    hf = hf_model().eval()
+    if weights == "safetensors":
+        hf.save_pretrained(tmp_path)
+    else:
+        (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ours = ReformerLM.from_hf(tmp_path).eval()
+    ids = torch.randint(1, 40, (1, 64))
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_conversion_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ReformerLM.from_hf(tmp_path / "missing")
+    (tmp_path / "config.json").write_text(json.dumps(hf_model().config.to_dict()))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
+        ReformerLM.from_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="safetensors"):
+        ReformerLM.from_hf(tmp_path)
+    with pytest.raises(ValueError, match="axial"):
+        ReformerLM.from_hf(hf_model(axial_pos_embds=False))
+    with pytest.raises(TypeError, match="from_hf takes"):
+        ReformerLM.from_hf(42)
+    full = ReformerLM(reformer.ReformerConfig(n_layers=1, attn_layers=("full",), max_seq_len=64))
+    with pytest.raises(ValueError, match="full-attention"):
+        full.to_hf()
+
+
+def test_enwik8_ids_are_bytes_plus_two():
+    ids = encode_enwik8("Hé")
+    assert ids.tolist() == [ord("H") + 2, 0xC3 + 2, 0xA9 + 2]
+    assert decode_enwik8(torch.cat([ids, torch.tensor([0, 1])])) == "Hé"  # ids below 2 are specials
