@@ -1,0 +1,8 @@
+"""``python -m reformer <command>``: the same as the ``reformer`` console script."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
