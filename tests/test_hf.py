@@ -113,3 +113,21 @@ def test_enwik8_ids_are_bytes_plus_two():
     ids = encode_enwik8("Hé")
     assert ids.tolist() == [ord("H") + 2, 0xC3 + 2, 0xA9 + 2]
     assert decode_enwik8(torch.cat([ids, torch.tensor([0, 1])])) == "Hé"  # ids below 2 are specials
+
+
+def test_head_size_independent_of_hidden_size():
+    hf = hf_model(("lsh", "local"), attention_head_size=8).eval()  # 2 heads x 8 != hidden 32
+    ours = ReformerLM.from_hf(hf).eval()
+    assert ours.config.d_head == 8
+    ids = torch.randint(1, 40, (1, 50))
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_to_hf_names_the_extra_when_transformers_is_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    model = ReformerLM(reformer.ReformerConfig(n_layers=1, max_seq_len=64))
+    with pytest.raises(ImportError, match=r"reformer\[hf\]"):
+        model.to_hf()
