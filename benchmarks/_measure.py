@@ -13,78 +13,16 @@ The reported peak is the larger of the two, so a short spike the sampler missed 
 from __future__ import annotations
 
 import gc
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from reformer.bench import RssSampler, hwm_bytes, mem_total_bytes, reset_hwm, rss_bytes
+
 MIB = 1024 * 1024
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process, in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE_SIZE
-
-
-def status_bytes(name: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmRSS``, ``VmHWM``), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(f"{name} is not in /proc/self/status")
-
-
-def reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) for this process; False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def mem_total_bytes() -> int:
-    """Physical memory of the machine, in bytes."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise KeyError("MemTotal is not in /proc/meminfo")
-
-
-class RssSampler:
-    """Context manager that records the largest RSS seen while it is active."""
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, rss_bytes())
-            self.samples += 1
-            if self._stop.wait(self.interval_s):
-                break
-
-    def __enter__(self) -> RssSampler:
-        self.peak = rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+__all__ = ["Measurement", "RssSampler", "mem_total_bytes", "measure", "reset_hwm", "rss_bytes"]
 
 
 @dataclass
@@ -130,7 +68,7 @@ def measure(step: Callable[[], None], repeats: int, interval_s: float = 0.005) -
             times.append(time.perf_counter() - t0)
 
     sampled = (sampler.peak - baseline) / MIB
-    hwm = (status_bytes("VmHWM") - baseline) / MIB
+    hwm = (hwm_bytes() - baseline) / MIB
     return Measurement(
         time_s=statistics.median(times),
         times_s=times,

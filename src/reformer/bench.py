@@ -228,21 +228,22 @@ def mem_total_bytes() -> int:
     return 0
 
 
-class _RssSampler:
+class RssSampler:
     """Records the largest resident set seen every ``interval_s`` while active (a daemon thread)."""
 
     def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s, self.peak = interval_s, 0
+        self.interval_s, self.peak, self.samples = interval_s, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
     def _run(self) -> None:
         while True:
             self.peak = max(self.peak, rss_bytes())
+            self.samples += 1
             if self._stop.wait(self.interval_s):
                 return
 
-    def __enter__(self) -> _RssSampler:
+    def __enter__(self) -> RssSampler:
         self.peak = rss_bytes()
         self._thread.start()
         return self
@@ -281,7 +282,7 @@ def measure(step: Callable[[], None], repeats: int, device: str) -> dict[str, An
         peak = torch.cuda.max_memory_allocated() - baseline
         how = "cuda max_memory_allocated"
     else:
-        with _RssSampler() as sampler:
+        with RssSampler() as sampler:
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 step()
