@@ -155,16 +155,20 @@ class ReformerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ReformerConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config file {path} is not valid JSON ({err}); re-save the model") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a JSON object, found {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(Path(path), "re-save the model"))
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``FileNotFoundError`` / ``ValueError`` that end with ``fix``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}; {fix}")
+    return data
 
 
 def _require_positive_int(name: str, value: Any) -> None:

@@ -18,14 +18,13 @@ differences of ~2e-5 in the logits.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import ReformerConfig
+from .config import ReformerConfig, read_json_object
 
 ENWIK8_ID_OFFSET = 2  # HF's enwik8 checkpoint: byte b has id b + 2; ids 0 (padding) and 1 are specials
 
@@ -174,13 +173,7 @@ def state_dict_from_hf(config: ReformerConfig, hf_state: dict[str, torch.Tensor]
 
 
 def _read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; give an HF model folder (config.json + weights)")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from err
+    hf_config = read_json_object(folder / "config.json", "give an HF model folder (config.json + weights)")
     if (folder / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
