@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default="runs/quickstart")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=6e-3)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -33,7 +34,7 @@ def main() -> None:
         causal=True,
     )  # fmt: skip
     model = ReformerLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     train, test = default_corpus("train"), default_corpus("test")
     print(f"default corpus (Python standard library): {len(train):,} train / {len(test):,} held-out bytes")
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {config.n_layers} layers")
@@ -42,7 +43,7 @@ def main() -> None:
     deadline = time.monotonic() + 60 * args.minutes
     step, bar = 0, tqdm(desc="training", unit="step")
     while time.monotonic() < deadline:
-        lr = 2e-3 * min(1.0, (step + 1) / 50)
+        lr = args.lr * min(1.0, (step + 1) / 50)
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = random_windows(train, args.seq_len, args.batch_size, generator)

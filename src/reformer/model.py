@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
 from .config import ReformerConfig
-from .embeddings import ReformerEmbeddings
+from .embeddings import AxialPositionEmbedding, ReformerEmbeddings
 from .feedforward import FeedForward
 from .reversible import ReformerBlock, ReversibleSequence
 
@@ -89,6 +89,10 @@ class ReformerLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, AxialPositionEmbedding):
+            # Same scale as the token embeddings: at HF's std 1 the positions drown the tokens at first.
+            for weight in module.weights:
+                nn.init.normal_(weight, std=std)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
