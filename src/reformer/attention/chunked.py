@@ -49,6 +49,30 @@ class ChunkPlan:
     causal: bool
     self_mask: bool
 
+    @classmethod
+    def shared_by_heads(
+        cls,
+        chunk_rows: torch.Tensor,
+        neighbours: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        heads: int,
+        rounds: int,
+        causal: bool,
+        self_mask: bool,
+    ) -> ChunkPlan:
+        """A plan whose ``neighbours`` ``(batch, chunks per slice, window)`` and ``key_valid``
+        ``(batch, length)`` are given per batch row and shared by that row's ``heads`` slices."""
+        batch, _, window = neighbours.shape
+        return cls(
+            chunk_rows=chunk_rows,
+            neighbours=neighbours[:, None].expand(batch, heads, -1, -1).reshape(-1, window),
+            key_valid=None if key_valid is None else key_valid[:, None].expand(batch, heads, -1).reshape(-1),
+            slices=batch * heads,
+            rounds=rounds,
+            causal=causal,
+            self_mask=self_mask,
+        )
+
     def blocks(self) -> list[torch.Tensor]:
         """Query chunk ids in processing order, grouped so that each block stays within one round.
 
@@ -130,6 +154,11 @@ def _block_rows(plan: ChunkPlan, block: torch.Tensor) -> tuple[torch.Tensor, tor
     k_chunks = plan.neighbours.index_select(0, block) + slice_base[:, None]
     k_rows = plan.chunk_rows.index_select(0, k_chunks.reshape(-1)).view(n, window * plan.chunk_rows.shape[1])
     return q_rows, k_rows
+
+
+def flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(batch, heads, length, dim)`` -> ``(batch * heads * length, dim)``: the rows a plan addresses."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .base import SelfAttentionBase
-from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed
+from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed, flat_rows
 from .masks import check_attention_inputs, pad_to_multiple
 
 
@@ -55,17 +55,9 @@ def local_attention(
         real_chunks = (extent + chunk - 1) // chunk
     window = (n_chunks_before, n_chunks_after) if chunks > 1 else (0, 0)
     neighbours = chunk_neighbours(real_chunks, batch, 1, chunks, *window, q.device)
-    plan = ChunkPlan(
-        chunk_rows=torch.arange(slices * padded, device=q.device).view(slices * chunks, chunk),
-        neighbours=neighbours[:, None].expand(batch, heads, -1, -1).reshape(slices * chunks, -1),
-        key_valid=None if key_valid is None else key_valid[:, None].expand(batch, heads, padded).reshape(-1),
-        slices=slices,
-        rounds=1,
-        causal=causal,
-        self_mask=False,
-    )
-    rows = [t.reshape(-1, t.shape[-1]) for t in (q, k, v)]
-    out = chunked_attention(*rows, plan, dropout_p, dropout_seed)
+    chunk_rows = torch.arange(slices * padded, device=q.device).view(slices * chunks, chunk)
+    plan = ChunkPlan.shared_by_heads(chunk_rows, neighbours, key_valid, heads, 1, causal, self_mask=False)
+    out = chunked_attention(flat_rows(q), flat_rows(k), flat_rows(v), plan, dropout_p, dropout_seed)
     return out.view(batch, heads, padded, -1)[:, :, :length]
 
 

@@ -9,7 +9,7 @@ import torch
 from ..config import validate_n_buckets
 from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, sort_by_bucket
 from .base import SelfAttentionBase
-from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed
+from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed, flat_rows
 from .masks import check_attention_inputs, pad_to_multiple
 
 
@@ -96,7 +96,7 @@ def lsh_attention(
 
     if length <= bucket_size:  # one chunk holds everything: exact attention, as trax and HF do
         plan = _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask=True, device=qk.device)
-        out = chunked_attention(_rows(qk), _rows(keys), _rows(v), plan, dropout_p, dropout_seed)
+        out = chunked_attention(flat_rows(qk), flat_rows(keys), flat_rows(v), plan, dropout_p, dropout_seed)
         out = out.view(batch, heads, length, v.shape[-1])
         return (out, None) if return_sort_indices else out
 
@@ -128,36 +128,18 @@ def lsh_attention(
     neighbours = chunk_neighbours(
         real_chunks, batch, n_hashes, chunks, n_chunks_before, n_chunks_after, qk.device
     )
-    neighbours = neighbours[:, None].expand(batch, heads, -1, -1).reshape(slices * n_hashes * chunks, -1)
-    plan = ChunkPlan(
-        chunk_rows=chunk_rows,
-        neighbours=neighbours,
-        key_valid=None if key_valid is None else key_valid[:, None].expand(batch, heads, padded).reshape(-1),
-        slices=slices,
-        rounds=n_hashes,
-        causal=causal,
-        self_mask=True,
+    plan = ChunkPlan.shared_by_heads(
+        chunk_rows, neighbours, key_valid, heads, n_hashes, causal, self_mask=True
     )
-    out = chunked_attention(_rows(qk_p), _rows(keys_p), _rows(v_p), plan, dropout_p, dropout_seed)
+    out = chunked_attention(flat_rows(qk_p), flat_rows(keys_p), flat_rows(v_p), plan, dropout_p, dropout_seed)
     out = out.view(batch, heads, padded, v.shape[-1])[:, :, :length]
     return (out, sort_indices) if return_sort_indices else out
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
-
-
 def _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask, device) -> ChunkPlan:
-    slices = batch * heads
-    return ChunkPlan(
-        chunk_rows=torch.arange(slices * length, device=device).view(slices, length),
-        neighbours=torch.zeros(slices, 1, dtype=torch.long, device=device),
-        key_valid=None if key_valid is None else key_valid[:, None].expand(batch, heads, length).reshape(-1),
-        slices=slices,
-        rounds=1,
-        causal=causal,
-        self_mask=self_mask,
-    )
+    chunk_rows = torch.arange(batch * heads * length, device=device).view(batch * heads, length)
+    neighbours = torch.zeros(batch, 1, 1, dtype=torch.long, device=device)
+    return ChunkPlan.shared_by_heads(chunk_rows, neighbours, key_valid, heads, 1, causal, self_mask)
 
 
 class LSHSelfAttention(SelfAttentionBase):
