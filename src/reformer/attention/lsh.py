@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -11,6 +12,23 @@ from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, sort_by_buck
 from .base import SelfAttentionBase
 from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed, flat_rows
 from .masks import check_attention_inputs, pad_to_multiple
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for ``backend`` on ``device``: ``"auto"`` takes the fused Triton kernels
+    on CUDA when triton is installed (the ``[gpu]`` extra) and the PyTorch path elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+    if backend == "auto":
+        has_triton = importlib.util.find_spec("triton") is not None
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if backend == "triton":
+        from .triton_lsh import require_triton
+
+        require_triton()
+    return backend
 
 
 def normalize_keys(qk: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -63,6 +81,7 @@ def lsh_attention(
     hash_seed: int | None = None,
     sort_indices: torch.Tensor | None = None,
     return_sort_indices: bool = False,
+    backend: str = "torch",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Shared-QK LSH attention of every position over the chunks its hash buckets fall in.
 
@@ -83,10 +102,22 @@ def lsh_attention(
             either they are drawn from the default generator.
         sort_indices: ``(batch, heads, n_hashes, padded_length)`` from an earlier call, to replay it.
         return_sort_indices: also return the sort indices used (None for the exact short path).
+        backend: ``"torch"`` (default), ``"triton"`` (fused kernels,
+            :mod:`reformer.attention.triton_lsh`) or ``"auto"`` (Triton on CUDA when installed, PyTorch
+            elsewhere).
 
     Returns:
         ``(batch, heads, length, head_dim_v)`` in ``v``'s dtype (and the sort indices if asked).
     """
+    if resolve_backend(backend, qk.device) == "triton":
+        from .triton_lsh import triton_lsh_attention
+
+        return triton_lsh_attention(
+            qk, v, bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets, causal=causal,
+            attention_mask=attention_mask, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
+            dropout_p=dropout_p, dropout_seed=dropout_seed, rotations=rotations, hash_seed=hash_seed,
+            sort_indices=sort_indices, return_sort_indices=return_sort_indices,
+        )  # fmt: skip
     key_valid = check_attention_inputs(qk, v, attention_mask, "qk")
     if n_hashes < 1:
         raise ValueError(f"n_hashes={n_hashes} must be at least 1")
@@ -149,6 +180,10 @@ class LSHSelfAttention(SelfAttentionBase):
     otherwise fresh ones are drawn on every training call and ``eval_hash_seed`` makes eval
     deterministic.
 
+    ``backend``: ``"torch"`` (default), ``"triton"`` or ``"auto"`` (fused Triton kernels on CUDA when
+    triton is installed, PyTorch elsewhere); see :func:`lsh_attention`. The default stays ``"torch"``
+    until the fused kernels have been checked on a GPU (they are tested on CPU with Triton's interpreter).
+
     Shapes: ``x`` ``(batch, length, d_model)`` -> ``(batch, length, d_model)``.
     """
 
@@ -168,9 +203,12 @@ class LSHSelfAttention(SelfAttentionBase):
         dropout: float = 0.0,
         hash_seed: int | None = None,
         eval_hash_seed: int = 0,
+        backend: str = "torch",
     ) -> None:
         super().__init__(d_model, n_heads, d_head, dropout)
         validate_n_buckets(n_buckets)
+        resolve_backend(backend, torch.device("cpu"))  # fail early on a bad name or a missing triton
+        self.backend = backend
         self.bucket_size, self.n_hashes, self.n_buckets = bucket_size, n_hashes, n_buckets
         self.causal = causal
         self.n_chunks_before, self.n_chunks_after = n_chunks_before, n_chunks_after
@@ -209,6 +247,7 @@ class LSHSelfAttention(SelfAttentionBase):
             n_chunks_after=self.n_chunks_after, dropout_p=dropout_p,
             dropout_seed=None if call_seed is None else call_seed + 1,
             hash_seed=hash_seed, sort_indices=replay.get("sort_indices"), return_sort_indices=True,
+            backend=self.backend,
         )  # fmt: skip
         replay["sort_indices"] = sort_indices
         return self.output(out)

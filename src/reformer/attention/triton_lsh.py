@@ -1,0 +1,661 @@
+"""Fused LSH attention on the GPU: Triton kernels with the contract of :func:`reformer.lsh_attention`.
+
+The PyTorch path (``lsh.py`` + ``chunked.py``) gathers sorted copies of q/k/v block by block and merges
+the hash rounds with ``index_copy_``; on a GPU that is dominated by launch and gather overhead. Here the
+whole pipeline is a handful of kernels:
+
+* ``_hash_kernel``: the rotation matmul ``x @ R`` with the ``argmax([xR; -xR])`` of every bucket
+  factor in its epilogue; it writes the int64 sort key ``bucket * length + position`` (padding gets the
+  extra bucket ``prod(factors)``, so it sorts last) and never the rotated tensor. ``torch.sort`` of the
+  keys gives the sort indices (the keys are distinct, so any sort is the stable sort of the PyTorch path).
+* ``_fwd_kernel``: one launch per hash round, persistent over ``(slice, chunk)`` tiles. A tile loads its
+  query rows through the sort indices, runs an online softmax over the ``before + 1 + after`` neighbour
+  chunks (the table of :func:`~reformer.attention.chunked.chunk_neighbours`: chunks wrap across rounds,
+  all-padding chunks are skipped) and merges its normalised output and log-sum-exp with those of the
+  earlier rounds at the rows' original positions. Within a round a row belongs to one chunk only, so the
+  merge needs no atomics; the rounds run one launch after another.
+* ``_delta_kernel``, ``_dq_kernel``, ``_dkdv_kernel``: the FlashAttention backward. The rounds' log-sum-exp
+  combination is one softmax over every key a query sees in any round, so ``P = 2**(s - LSE_total)`` and
+  ``dS = P * (dP - rowsum(dO * O))``. ``_dq_kernel`` walks each query chunk's neighbours; ``_dkdv_kernel``
+  walks each key chunk's *inverse* neighbours (the same table with ``before`` and ``after`` swapped), so
+  both write their rows without atomics and are deterministic.
+
+No ``(chunk x keys)`` score tensor and no sorted copy of q/k/v exists in memory; the only buffers are the
+sort keys/indices (int64, ``rounds x length``), the output, and a float32 log-sum-exp per row.
+
+Scores are float32 in base 2 (``log2(e) * q.k``) with the PyTorch path's constants: causal and padding
+keys get ``-1e9``, the query's own key ``-1e5``. For float32 inputs every ``tl.dot`` runs in IEEE float32
+(TF32 only where ``torch.get_float32_matmul_precision()`` allows it, as for torch's own matmuls), so
+results match the PyTorch path to rounding. For bfloat16/float16 the round merge and the
+cross-round gradient sums are stored in the input dtype (float32 inside a tile).
+
+Not covered by the kernels, and delegated to the PyTorch path: sequences up to one chunk (exact
+attention), attention dropout (its masks come from ``torch.rand``), and float64.
+
+Triton is optional: this module imports without it; :func:`is_available` says whether the kernels can
+run and :func:`triton_lsh_attention` raises a clear error otherwise. On CPU tensors the kernels run only
+under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import validate_n_buckets
+from ..hashing import auto_n_buckets, bucket_factors, draw_rotations, total_buckets
+from .chunked import LOG2E, MASK_VALUE, SELF_MASK_VALUE, chunk_neighbours
+from .masks import check_attention_inputs, pad_to_multiple
+
+try:  # optional dependency: the `[gpu]` extra
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+# The interpreter setting is read by ``triton.jit`` when the kernels below are defined.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Bucket factors the hash kernel handles (more fall back to the PyTorch hashing).
+MAX_FACTORS = 4
+# Persistent programs per streaming multiprocessor.
+PROGRAMS_PER_SM = 8
+
+
+def is_available() -> bool:
+    """True when triton is importable (the kernels then run on CUDA tensors, or on CPU interpreted)."""
+    return triton is not None
+
+
+def require_triton() -> None:
+    """Raise an ImportError naming the fix when triton is missing."""
+    if triton is None:
+        raise ImportError(
+            "backend='triton' needs the triton package: pip install 'reformer[gpu]' (or pip install triton); "
+            "use backend='torch' or 'auto' to run without it"
+        )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _factor_ids(rot, cols, OFFSET: tl.constexpr, HALF: tl.constexpr):
+        """``argmax([x; -x])`` over columns ``OFFSET .. OFFSET + HALF`` of ``rot`` (ties: first index,
+        ``x`` before ``-x``, as :func:`reformer.hashing._argmax_of_plus_minus`)."""
+        inside = (cols >= OFFSET) & (cols < OFFSET + HALF)
+        top_vals = tl.where(inside[None, :], rot, float("-inf"))
+        bottom_vals = tl.where(inside[None, :], rot, float("inf"))
+        top = tl.max(top_vals, axis=1)
+        bottom = tl.min(bottom_vals, axis=1)
+        top_idx = tl.argmax(top_vals, axis=1, tie_break_left=True) - OFFSET
+        bottom_idx = tl.argmin(bottom_vals, axis=1, tie_break_left=True) - OFFSET
+        return tl.where(top >= -bottom, top_idx, bottom_idx + HALF).to(tl.int64)
+
+    @triton.jit
+    def _hash_kernel(
+        QK, Rot, Valid, Keys,
+        heads, length, n_rounds, n_lblocks, pad_bucket,
+        s_qb, s_qh, s_ql, s_rh, s_rd, s_rr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+        F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
+        HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Sort keys ``bucket * length + position`` of one block of rows in one round.
+
+        Grid: ``(slices * rounds * n_lblocks,)``. ``Keys`` is ``(slices, rounds, length)`` int64.
+        """
+        tile = tl.program_id(0)
+        lblock = tile % n_lblocks
+        sr = tile // n_lblocks
+        rnd = sr % n_rounds
+        s = sr // n_rounds
+        b = (s // heads).to(tl.int64)
+        h = (s % heads).to(tl.int64)
+        rows = lblock * BLOCK_L + tl.arange(0, BLOCK_L)
+        row_ok = rows < length
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        cols = tl.arange(0, BLOCK_R)
+        x = tl.load(
+            QK + b * s_qb + h * s_qh + rows[:, None].to(tl.int64) * s_ql + dims[None, :],
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        n_cols: tl.constexpr = (F0 + F1 + F2 + F3) // 2
+        rot = tl.load(
+            Rot + h * s_rh + dims[:, None] * s_rd + rnd * s_rr + cols[None, :],
+            mask=dim_ok[:, None] & (cols < n_cols)[None, :],
+            other=0.0,
+        )
+        rotated = tl.dot(x, rot, input_precision=PRECISION)  # (BLOCK_L, BLOCK_R), never stored
+        bucket = _factor_ids(rotated, cols, 0, F0 // 2)
+        if F1 > 0:
+            bucket += F0 * _factor_ids(rotated, cols, F0 // 2, F1 // 2)
+        if F2 > 0:
+            bucket += F0 * F1 * _factor_ids(rotated, cols, (F0 + F1) // 2, F2 // 2)
+        if F3 > 0:
+            bucket += F0 * F1 * F2 * _factor_ids(rotated, cols, (F0 + F1 + F2) // 2, F3 // 2)
+        if HAS_VALID:
+            valid = tl.load(Valid + b * length + rows, mask=row_ok, other=0)
+            bucket = tl.where(valid != 0, bucket, pad_bucket)
+        key = bucket * length + rows
+        tl.store(Keys + (s.to(tl.int64) * n_rounds + rnd) * length + rows, key, mask=row_ok)
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        """``a @ b`` accumulated in float32. ``PRECISION == "upcast"`` multiplies in float32 instead: the
+        Triton interpreter (3.x) gets bfloat16 ``tl.dot`` wrong, so it is used there for bfloat16 inputs
+        (the operands are rounded to bfloat16 first, so the products are the same)."""
+        if PRECISION == "upcast":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _chunk_rows(Idx, s, chunk, length, n_rounds, C: tl.constexpr, offs, ok):
+        """Original positions (int64) of the rows of round-concatenated chunk ``chunk`` of slice ``s``."""
+        base = Idx + s.to(tl.int64) * n_rounds * length + chunk.to(tl.int64) * C
+        return tl.load(base + offs, mask=ok, other=0)
+
+    @triton.jit
+    def _masked_scores(
+        q, k, qpos, kpos, k_ok, Valid, b, length, mask_value, self_value,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Scores ``log2(e) * q.k`` (float32) with the causal, padding and self masks of
+        ``chunked._scores``; key columns past the chunk get -inf."""
+        scores = _dot(q, tl.trans(k), PRECISION) * 1.4426950408889634
+        if CAUSAL:
+            scores = tl.where(qpos[:, None] < kpos[None, :], mask_value, scores)
+        if HAS_VALID:
+            valid = tl.load(Valid + b * length + kpos, mask=k_ok, other=0)
+            scores = tl.where((valid != 0)[None, :], scores, mask_value)
+        scores = tl.where(qpos[:, None] == kpos[None, :], self_value, scores)
+        return tl.where(k_ok[None, :], scores, float("-inf"))
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, Idx, Nbr, Real, Valid, Out, Lse,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, FIRST: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Round ``rnd`` of the forward pass, persistent over ``slices * chunks`` query-chunk tiles.
+
+        ``Out`` holds the normalised output of the rounds so far and ``Lse`` (float32, base 2,
+        ``(slices, length)``) their log-sum-exp; both are indexed by original position.
+        """
+        offs = tl.arange(0, BLOCK_C)
+        row_ok = offs < C
+        dq_offs = tl.arange(0, BLOCK_D)
+        dv_offs = tl.arange(0, BLOCK_DV)
+        dq_ok = dq_offs < D
+        dv_ok = dv_offs < DV
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            s = tile // chunks
+            cpos = tile % chunks
+            b = (s // heads).to(tl.int64)
+            h = (s % heads).to(tl.int64)
+            if cpos < tl.load(Real + b):  # chunks made only of padding are skipped
+                chunk = rnd * chunks + cpos
+                qpos = _chunk_rows(Idx, s, chunk, length, n_rounds, C, offs, row_ok)
+                q = tl.load(
+                    Q + b * s_qb + h * s_qh + qpos[:, None] * s_ql + dq_offs[None, :],
+                    mask=row_ok[:, None] & dq_ok[None, :],
+                    other=0.0,
+                )
+                run_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
+                run_sum = tl.zeros([BLOCK_C], tl.float32)
+                acc = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
+                nbr_base = Nbr + (b * n_rounds * chunks + chunk) * W
+                for t in tl.static_range(W):
+                    kchunk = tl.load(nbr_base + t)
+                    kpos = _chunk_rows(Idx, s, kchunk, length, n_rounds, C, offs, row_ok)
+                    k = tl.load(
+                        K + b * s_kb + h * s_kh + kpos[:, None] * s_kl + dq_offs[None, :],
+                        mask=row_ok[:, None] & dq_ok[None, :],
+                        other=0.0,
+                    )
+                    v = tl.load(
+                        V + b * s_vb + h * s_vh + kpos[:, None] * s_vl + dv_offs[None, :],
+                        mask=row_ok[:, None] & dv_ok[None, :],
+                        other=0.0,
+                    )
+                    scores = _masked_scores(
+                        q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
+                        CAUSAL, HAS_VALID, PRECISION,
+                    )  # fmt: skip
+                    new_max = tl.maximum(run_max, tl.max(scores, axis=1))
+                    scale = tl.exp2(run_max - new_max)
+                    p = tl.exp2(scores - new_max[:, None])
+                    run_sum = run_sum * scale + tl.sum(p, axis=1)
+                    acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+                    run_max = new_max
+                lse = run_max + tl.log2(run_sum)
+                out = acc / run_sum[:, None]
+                out_ptr = Out + b * s_ob + h * s_oh + qpos[:, None] * s_ol + dv_offs[None, :]
+                out_ok = row_ok[:, None] & dv_ok[None, :]
+                lse_ptr = Lse + s.to(tl.int64) * length + qpos
+                if not FIRST:  # merge with the earlier rounds (REFERENCE.md step 9), in base 2
+                    old_lse = tl.load(lse_ptr, mask=row_ok, other=0.0)
+                    old_out = tl.load(out_ptr, mask=out_ok, other=0.0).to(tl.float32)
+                    top = tl.maximum(old_lse, lse)
+                    w_old = tl.exp2(old_lse - top)
+                    w_new = tl.exp2(lse - top)
+                    total = w_old + w_new
+                    out = (old_out * w_old[:, None] + out * w_new[:, None]) / total[:, None]
+                    lse = top + tl.log2(total)
+                tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=out_ok)
+                tl.store(lse_ptr, lse, mask=row_ok)
+
+    @triton.jit
+    def _delta_kernel(
+        Out, G, Delta, n_rows, heads, length,
+        s_ob, s_oh, s_ol, s_gb, s_gh, s_gl,
+        DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):  # fmt: skip
+        """``Delta[s, l] = sum_d O * dO`` in float32, ``(slices, length)``."""
+        rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        row_ok = rows < n_rows
+        s = (rows // length).to(tl.int64)
+        pos = (rows % length).to(tl.int64)
+        b = s // heads
+        h = s % heads
+        dims = tl.arange(0, BLOCK_DV)
+        ok = row_ok[:, None] & (dims < DV)[None, :]
+        o = tl.load(Out + (b * s_ob + h * s_oh + pos * s_ol)[:, None] + dims[None, :], mask=ok, other=0.0)
+        g = tl.load(G + (b * s_gb + h * s_gh + pos * s_gl)[:, None] + dims[None, :], mask=ok, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
+        tl.store(Delta + rows, delta, mask=row_ok)
+
+    @triton.jit
+    def _dq_kernel(
+        Q, K, V, G, Idx, Nbr, Real, Valid, Lse, Delta, DQ,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_gb, s_gh, s_gl, s_db, s_dh, s_dl,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Round ``rnd`` of ``dQ``: every query chunk over its neighbour key chunks; adds into ``DQ``."""
+        offs = tl.arange(0, BLOCK_C)
+        row_ok = offs < C
+        d_offs = tl.arange(0, BLOCK_D)
+        dv_offs = tl.arange(0, BLOCK_DV)
+        d_ok = d_offs < D
+        dv_ok = dv_offs < DV
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            s = tile // chunks
+            cpos = tile % chunks
+            b = (s // heads).to(tl.int64)
+            h = (s % heads).to(tl.int64)
+            if cpos < tl.load(Real + b):
+                chunk = rnd * chunks + cpos
+                qpos = _chunk_rows(Idx, s, chunk, length, n_rounds, C, offs, row_ok)
+                q_ok = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(
+                    Q + b * s_qb + h * s_qh + qpos[:, None] * s_ql + d_offs[None, :], mask=q_ok, other=0.0
+                )
+                g = tl.load(
+                    G + b * s_gb + h * s_gh + qpos[:, None] * s_gl + dv_offs[None, :],
+                    mask=row_ok[:, None] & dv_ok[None, :],
+                    other=0.0,
+                )
+                lse = tl.load(Lse + s.to(tl.int64) * length + qpos, mask=row_ok, other=0.0)
+                delta = tl.load(Delta + s.to(tl.int64) * length + qpos, mask=row_ok, other=0.0)
+                dq = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+                nbr_base = Nbr + (b * n_rounds * chunks + chunk) * W
+                for t in tl.static_range(W):
+                    kpos = _chunk_rows(Idx, s, tl.load(nbr_base + t), length, n_rounds, C, offs, row_ok)
+                    k = tl.load(
+                        K + b * s_kb + h * s_kh + kpos[:, None] * s_kl + d_offs[None, :], mask=q_ok, other=0.0
+                    )
+                    v = tl.load(
+                        V + b * s_vb + h * s_vh + kpos[:, None] * s_vl + dv_offs[None, :],
+                        mask=row_ok[:, None] & dv_ok[None, :],
+                        other=0.0,
+                    )
+                    scores = _masked_scores(
+                        q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
+                        CAUSAL, HAS_VALID, PRECISION,
+                    )  # fmt: skip
+                    p = tl.exp2(scores - lse[:, None])
+                    dp = _dot(g, tl.trans(v), PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    dq += _dot(ds.to(k.dtype), k, PRECISION)
+                dq_ptr = DQ + b * s_db + h * s_dh + qpos[:, None] * s_dl + d_offs[None, :]
+                old = tl.load(dq_ptr, mask=q_ok, other=0.0).to(tl.float32)
+                tl.store(dq_ptr, (old + dq).to(DQ.dtype.element_ty), mask=q_ok)
+
+    @triton.jit
+    def _dkdv_kernel(
+        Q, K, V, G, Idx, Inv, Real, Valid, Lse, Delta, DK, DV_,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_gb, s_gh, s_gl,
+        s_dkb, s_dkh, s_dkl, s_dvb, s_dvh, s_dvl,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Round ``rnd`` of ``dK`` and ``dV``: every key chunk over the query chunks that see it
+        (``Inv``); adds into ``DK`` and ``DV_``."""
+        offs = tl.arange(0, BLOCK_C)
+        row_ok = offs < C
+        d_offs = tl.arange(0, BLOCK_D)
+        dv_offs = tl.arange(0, BLOCK_DV)
+        d_ok = d_offs < D
+        dv_ok = dv_offs < DV
+        k_ok = row_ok[:, None] & d_ok[None, :]
+        v_ok = row_ok[:, None] & dv_ok[None, :]
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            s = tile // chunks
+            cpos = tile % chunks
+            b = (s // heads).to(tl.int64)
+            h = (s % heads).to(tl.int64)
+            if cpos < tl.load(Real + b):
+                chunk = rnd * chunks + cpos
+                kpos = _chunk_rows(Idx, s, chunk, length, n_rounds, C, offs, row_ok)
+                k = tl.load(
+                    K + b * s_kb + h * s_kh + kpos[:, None] * s_kl + d_offs[None, :], mask=k_ok, other=0.0
+                )
+                v = tl.load(
+                    V + b * s_vb + h * s_vh + kpos[:, None] * s_vl + dv_offs[None, :], mask=v_ok, other=0.0
+                )
+                dk = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+                dv = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
+                inv_base = Inv + (b * n_rounds * chunks + chunk) * W
+                for t in tl.static_range(W):
+                    qpos = _chunk_rows(Idx, s, tl.load(inv_base + t), length, n_rounds, C, offs, row_ok)
+                    q = tl.load(
+                        Q + b * s_qb + h * s_qh + qpos[:, None] * s_ql + d_offs[None, :], mask=k_ok, other=0.0
+                    )
+                    g = tl.load(
+                        G + b * s_gb + h * s_gh + qpos[:, None] * s_gl + dv_offs[None, :],
+                        mask=v_ok,
+                        other=0.0,
+                    )
+                    lse = tl.load(Lse + s.to(tl.int64) * length + qpos, mask=row_ok, other=0.0)
+                    delta = tl.load(Delta + s.to(tl.int64) * length + qpos, mask=row_ok, other=0.0)
+                    scores = _masked_scores(
+                        q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
+                        CAUSAL, HAS_VALID, PRECISION,
+                    )  # fmt: skip
+                    p = tl.where(row_ok[:, None], tl.exp2(scores - lse[:, None]), 0.0)
+                    dv += _dot(tl.trans(p.to(g.dtype)), g, PRECISION)
+                    dp = _dot(g, tl.trans(v), PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+                dk_ptr = DK + b * s_dkb + h * s_dkh + kpos[:, None] * s_dkl + d_offs[None, :]
+                dv_ptr = DV_ + b * s_dvb + h * s_dvh + kpos[:, None] * s_dvl + dv_offs[None, :]
+                old_dk = tl.load(dk_ptr, mask=k_ok, other=0.0).to(tl.float32)
+                old_dv = tl.load(dv_ptr, mask=v_ok, other=0.0).to(tl.float32)
+                tl.store(dk_ptr, (old_dk + dk).to(DK.dtype.element_ty), mask=k_ok)
+                tl.store(dv_ptr, (old_dv + dv).to(DV_.dtype.element_ty), mask=v_ok)
+
+
+# ---- host side ----------------------------------------------------------------------------------
+
+
+def _block(n: int) -> int:
+    """Power-of-two tile size covering ``n`` (at least 16, the smallest ``tl.dot`` operand)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _float32_precision() -> str:
+    """IEEE float32 products unless torch allows TF32 for float32 matmuls
+    (``torch.set_float32_matmul_precision("high")``), as the PyTorch path's matmuls do."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision of the attention kernels (see ``_dot`` for "upcast")."""
+    if dtype == torch.float32:
+        return _float32_precision()
+    return "upcast" if INTERPRETED and dtype == torch.bfloat16 else "tf32"
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and length strides of a ``(batch, heads, length, dim)`` tensor with unit dim stride."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _grid(n_tiles: int, device: torch.device) -> tuple[int]:
+    """Persistent grid: a few programs per SM on a GPU; a small grid under the interpreter (so that the
+    persistent loop is exercised there too)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return (max(1, min(n_tiles, sms * PROGRAMS_PER_SM)),)
+    return (max(1, min(n_tiles, 3)),)
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors (got {x.device.type}); on CPU use backend='torch', or "
+            "set TRITON_INTERPRET=1 before importing reformer.attention.triton_lsh to run the kernels "
+            "interpreted"
+        )
+
+
+@torch.no_grad()
+def hash_sort_indices(
+    qk: torch.Tensor,
+    rotations: torch.Tensor,
+    n_buckets: int | tuple[int, ...],
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused hashing: sort indices by (bucket, position) per round, padding last.
+
+    The same result as ``sort_by_bucket(hash_vectors(qk, rotations, n_buckets), key_valid)`` (up to
+    float rounding at near-ties of the rotation argmax for non-float32 inputs).
+
+    Args:
+        qk: ``(batch, heads, length, head_dim)`` (hashed in float32).
+        rotations: ``(heads, head_dim, n_hashes, sum(factors) // 2)``.
+        n_buckets: an even integer or up to four even factors.
+        key_valid: ``(batch, length)`` bool, True for real tokens, or None.
+
+    Returns:
+        ``(batch, heads, n_hashes, length)`` int64 positions.
+    """
+    require_triton()
+    _check_device(qk)
+    factors = bucket_factors(n_buckets)
+    if rotations.shape[-1] * 2 != sum(factors) or len(factors) > MAX_FACTORS:
+        raise ValueError(
+            f"rotations with {rotations.shape[-1]} columns and n_buckets={n_buckets} do not fit the fused "
+            f"hash (needs sum(factors) // 2 columns and at most {MAX_FACTORS} factors)"
+        )
+    batch, heads, length, head_dim = qk.shape
+    n_rounds = rotations.shape[2]
+    qk = _unit_last(qk)
+    rot = rotations.to(device=qk.device, dtype=torch.float32).contiguous()
+    keys = torch.empty(batch, heads, n_rounds, length, dtype=torch.int64, device=qk.device)
+    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else keys
+    block_l = 64
+    n_lblocks = triton.cdiv(length, block_l)
+    f = (*factors, 0, 0, 0)[:MAX_FACTORS]
+    _hash_kernel[(batch * heads * n_rounds * n_lblocks,)](
+        qk, rot, valid, keys,
+        heads, length, n_rounds, n_lblocks, total_buckets(factors),
+        *_strides(qk), rot.stride(0), rot.stride(1), rot.stride(2),
+        D=head_dim, BLOCK_D=_block(head_dim), BLOCK_L=block_l, BLOCK_R=_block(sum(factors) // 2),
+        F0=f[0], F1=f[1], F2=f[2], F3=f[3],
+        HAS_VALID=key_valid is not None,
+        PRECISION=_float32_precision() if qk.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return torch.sort(keys, dim=-1).indices
+
+
+class _Plan:
+    """Launch settings shared by the forward and backward kernels of one call."""
+
+    def __init__(self, sort_indices, neighbours, inverse, real_chunks, key_valid, causal, chunk):
+        batch, heads, n_rounds, length = sort_indices.shape
+        self.sort_indices, self.neighbours, self.inverse = sort_indices, neighbours, inverse
+        self.real_chunks, self.key_valid, self.causal, self.chunk = real_chunks, key_valid, causal, chunk
+        self.heads, self.length, self.n_rounds = heads, length, n_rounds
+        self.chunks = length // chunk
+        self.n_tiles = batch * heads * self.chunks
+        self.window = neighbours.shape[-1]
+
+    def common(self, rnd: int) -> tuple:
+        return (
+            rnd, self.n_tiles, self.heads, self.length, self.chunks, self.n_rounds,
+            MASK_VALUE * LOG2E, SELF_MASK_VALUE * LOG2E,
+        )  # fmt: skip
+
+    def meta(self, q: torch.Tensor, v: torch.Tensor) -> dict:
+        return dict(
+            C=self.chunk, BLOCK_C=_block(self.chunk), D=q.shape[-1], BLOCK_D=_block(q.shape[-1]),
+            DV=v.shape[-1], BLOCK_DV=_block(v.shape[-1]), W=self.window,
+            CAUSAL=self.causal, HAS_VALID=self.key_valid is not None, PRECISION=_precision(q.dtype),
+        )  # fmt: skip
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.key_valid if self.key_valid is not None else self.real_chunks
+
+
+class _TritonLSHAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan):
+        batch, heads, length, _ = q.shape
+        # The output is laid out (batch, length, heads, dim), so merging the heads afterwards is a view.
+        out = torch.zeros(batch, length, heads, v.shape[-1], dtype=v.dtype, device=v.device).transpose(1, 2)
+        lse = torch.full((batch, heads, length), float("-inf"), dtype=torch.float32, device=q.device)
+        grid, meta = _grid(plan.n_tiles, q.device), plan.meta(q, v)
+        for rnd in range(plan.n_rounds):
+            _fwd_kernel[grid](
+                q, k, v, plan.sort_indices, plan.neighbours, plan.real_chunks, plan.valid, out, lse,
+                *plan.common(rnd),
+                *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                FIRST=rnd == 0, **meta,
+            )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        grad_out = _unit_last(grad_out)
+        batch, heads, length, _ = q.shape
+        delta = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
+        n_rows, block_l = batch * heads * length, 64
+        _delta_kernel[(triton.cdiv(n_rows, block_l),)](
+            out, grad_out, delta, n_rows, heads, length, *_strides(out), *_strides(grad_out),
+            DV=v.shape[-1], BLOCK_DV=_block(v.shape[-1]), BLOCK_L=block_l,
+        )  # fmt: skip
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grid, meta = _grid(plan.n_tiles, q.device), plan.meta(q, v)
+        for rnd in range(plan.n_rounds):
+            _dq_kernel[grid](
+                q, k, v, grad_out, plan.sort_indices, plan.neighbours, plan.real_chunks, plan.valid,
+                lse, delta, dq, *plan.common(rnd),
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), **meta,
+            )  # fmt: skip
+            _dkdv_kernel[grid](
+                q, k, v, grad_out, plan.sort_indices, plan.inverse, plan.real_chunks, plan.valid,
+                lse, delta, dk, dv, *plan.common(rnd),
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+                **meta,
+            )  # fmt: skip
+        return dq, dk, dv, None
+
+
+def triton_lsh_attention(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bucket_size: int = 64,
+    n_hashes: int = 4,
+    n_buckets: int | tuple[int, ...] | None = None,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    n_chunks_before: int = 1,
+    n_chunks_after: int = 0,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    rotations: torch.Tensor | None = None,
+    hash_seed: int | None = None,
+    sort_indices: torch.Tensor | None = None,
+    return_sort_indices: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`reformer.lsh_attention` through the fused Triton kernels (same arguments, same results).
+
+    Args and returns as :func:`reformer.lsh_attention`: ``qk`` ``(batch, heads, length, head_dim)``,
+    ``v`` ``(batch, heads, length, head_dim_v)`` (float32, bfloat16 or float16) -> ``(batch, heads,
+    length, head_dim_v)`` in ``v``'s dtype. The outputs of padding positions that fall in chunks made only
+    of padding are zero here (the PyTorch path computes values there that nothing should use).
+    Sequences up to ``bucket_size``, attention dropout and float64 run on the PyTorch path.
+    """
+    from .lsh import lsh_attention, normalize_keys
+
+    require_triton()
+    key_valid = check_attention_inputs(qk, v, attention_mask, "qk")
+    if n_hashes < 1:
+        raise ValueError(f"n_hashes={n_hashes} must be at least 1")
+    validate_n_buckets(n_buckets)
+    _check_device(qk)
+    batch, heads, length, head_dim = qk.shape
+    if length <= bucket_size or dropout_p > 0.0 or qk.dtype == torch.float64 or v.dtype == torch.float64:
+        return lsh_attention(
+            qk, v, bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets, causal=causal,
+            attention_mask=attention_mask, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
+            dropout_p=dropout_p, dropout_seed=dropout_seed, rotations=rotations, hash_seed=hash_seed,
+            sort_indices=sort_indices, return_sort_indices=return_sort_indices, backend="torch",
+        )  # fmt: skip
+    if qk.dtype != v.dtype:
+        raise TypeError(f"backend='triton' needs qk and v of one dtype, got {qk.dtype} and {v.dtype}")
+
+    keys = normalize_keys(qk)
+    padded = -(-length // bucket_size) * bucket_size
+    chunks = padded // bucket_size
+    qk_p, keys_p, v_p, key_valid = pad_to_multiple(padded, qk, keys, v, key_valid=key_valid)
+    if sort_indices is None:
+        n_buckets = n_buckets if n_buckets is not None else auto_n_buckets(padded, bucket_size)
+        if rotations is None:
+            rotations = draw_rotations(heads, head_dim, n_hashes, n_buckets, seed=hash_seed, device=qk.device)
+        if len(bucket_factors(n_buckets)) <= MAX_FACTORS:
+            sort_indices = hash_sort_indices(qk_p.detach(), rotations, n_buckets, key_valid)
+        else:
+            from .lsh import lsh_sort_indices
+
+            sort_indices = lsh_sort_indices(
+                qk_p, n_hashes=n_hashes, n_buckets=n_buckets, key_padding_mask=key_valid, rotations=rotations
+            )
+    elif sort_indices.shape != (batch, heads, n_hashes, padded):
+        raise ValueError(
+            f"sort_indices has shape {tuple(sort_indices.shape)}, expected "
+            f"{(batch, heads, n_hashes, padded)} for this input and n_hashes={n_hashes}"
+        )
+
+    real_chunks = None
+    if key_valid is not None:
+        real_chunks = (key_valid.sum(-1) + bucket_size - 1) // bucket_size
+    window = (real_chunks, batch, n_hashes, chunks)
+    neighbours = chunk_neighbours(*window, n_chunks_before, n_chunks_after, qk.device)
+    # The query chunks that see each key chunk: the same map with the window reflected.
+    inverse = chunk_neighbours(*window, n_chunks_after, n_chunks_before, qk.device)
+    if real_chunks is None:
+        real_chunks = torch.full((batch,), chunks, device=qk.device)
+    plan = _Plan(
+        sort_indices=sort_indices.contiguous(),
+        neighbours=neighbours.to(torch.int32).contiguous(),
+        inverse=inverse.to(torch.int32).contiguous(),
+        real_chunks=real_chunks.clamp(1, chunks).to(torch.int32),
+        key_valid=None if key_valid is None else key_valid.to(torch.int8).contiguous(),
+        causal=causal,
+        chunk=bucket_size,
+    )
+    out = _TritonLSHAttention.apply(_unit_last(qk_p), _unit_last(keys_p), _unit_last(v_p), plan)
+    out = out[:, :, :length]
+    return (out, sort_indices) if return_sort_indices else out
