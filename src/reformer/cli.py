@@ -59,8 +59,55 @@ def run_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer train``: train a language model (or the copy task); resumable, DDP under torchrun."""
+    from . import train
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a Reformer LM on files, enwik8 or the default corpus (or the copy task)",
+        description=train.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_train_arguments(p)
+    p.set_defaults(handler=train.run_train, parser=p)
+
+
+def add_eval(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer eval``: held-out bits per byte (or copy-task accuracy) of a trained run."""
+    from . import train
+
+    p = subparsers.add_parser(
+        "eval",
+        help="held-out bits per byte on the test split, or copy-task accuracy, of a run",
+        description="Evaluate a run folder; the last line is bits_per_byte=X or accuracy=X.",
+    )
+    train.add_eval_arguments(p)
+    p.set_defaults(handler=train.run_eval, parser=p)
+
+
+def add_generate(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer generate``: stream text sampled from a model folder, with the incremental cache."""
+    from . import generation
+
+    p = subparsers.add_parser(
+        "generate",
+        help="sample text from a model or run folder, streamed to stdout (cached incremental decoding)",
+        description="Byte-level generation: the prompt's UTF-8 bytes are the ids (plus --id-offset); the "
+        "continuation is streamed to stdout as it is produced, a summary line goes to stderr.",
+    )
+    generation.add_arguments(p)
+    p.set_defaults(handler=generation.run, parser=p)
+
+
 # One entry per subcommand (train, eval, generate: add an ``add_<name>`` function here).
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_bench, add_convert)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_train,
+    add_eval,
+    add_bench,
+    add_convert,
+    add_generate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -144,11 +144,7 @@ class ReformerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReformerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "config")
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -156,6 +152,15 @@ class ReformerConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> ReformerConfig:
         return cls.from_dict(read_json_object(Path(path), "re-save the model"))
+
+
+def dataclass_from_dict(cls, data: dict[str, Any], what: str):
+    """``cls(**data)``, refusing keys that are not fields of ``cls`` with a message naming them."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; known keys are {sorted(known)}")
+    return cls(**data)
 
 
 def read_json_object(path: Path, fix: str) -> dict[str, Any]:

@@ -1,11 +1,16 @@
-"""Byte-level corpora: the default corpus (this Python's standard library), files, random windows."""
+"""Byte-level corpora: the default corpus (this Python's standard library), user files, enwik8, random
+windows, and the paper's duplication (copy) task."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sysconfig
 import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +49,13 @@ def default_corpus(split: str = "train") -> np.memmap:
     tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
     path = _cache_dir() / f"stdlib-{tag}-{split}.bin"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as out:
+
+        def write(out) -> None:
             for file in default_corpus_files():
                 if is_held_out(file, root) == (split == "test"):
                     out.write(file.read_bytes() + FILE_SEPARATOR)
-        os.replace(tmp, path)
+
+        _write_atomically(path, write)
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
@@ -79,3 +84,159 @@ def decode_bytes(ids: torch.Tensor | list[int]) -> str:
 def encode_text(text: str) -> torch.Tensor:
     """UTF-8 bytes of ``text`` as an int64 tensor ``(length,)``."""
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+# ---- user corpora ----------------------------------------------------------------------------------
+
+ENWIK8_BYTES = 100_000_000
+ENWIK8_TRAIN, ENWIK8_VALID = 90_000_000, 95_000_000  # the standard 90M / 5M / 5M split
+
+
+@dataclass
+class Corpus:
+    """A byte corpus split three ways; each split is a read-only ``uint8`` memory map (or a view)."""
+
+    name: str
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {len(self.train):,} train / {len(self.valid):,} valid / "
+            f"{len(self.test):,} test bytes"
+        )
+
+
+def load_corpus(paths: Sequence[str | os.PathLike] | None = None) -> Corpus:
+    """The byte corpus behind ``reformer train --data``.
+
+    No paths: the default corpus (this Python's standard library, split by file, ~5% held out; valid
+    and test are the same held-out files). ``enwik8`` or ``enwik8.zip``: the standard first 90M / next
+    5M / last 5M bytes. One other file: its last 5% of bytes is held out. Several files or folders
+    (searched recursively, hidden entries skipped): split by file like the default corpus. Nothing is
+    read whole: files are memory-mapped, several files are concatenated once into the cache folder.
+    """
+    if not paths:
+        train, test = default_corpus("train"), default_corpus("test")
+        return Corpus("default corpus (Python standard library sources)", train, test, test)
+    files = _expand(paths)
+    if len(files) == 1 and files[0].name in ("enwik8", "enwik8.zip"):
+        return _enwik8(files[0])
+    if len(files) == 1:
+        data = _memmap(files[0])
+        cut = len(data) - max(1, int(len(data) * HELD_OUT_FRACTION))
+        return Corpus(str(files[0]), data[:cut], data[cut:], data[cut:])
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    held_out = [f for f in files if is_held_out(f, root)]
+    if not held_out or len(held_out) == len(files):
+        held_out = files[-max(1, round(len(files) * HELD_OUT_FRACTION)) :]  # too few files to hash
+    train = _concatenated([f for f in files if f not in held_out], "train")
+    test = _concatenated(held_out, "test")
+    return Corpus(f"{len(files)} files under {root}", train, test, test)
+
+
+def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts)
+            )
+            if not found:
+                raise FileNotFoundError(f"--data folder {path} holds no files")
+            files.extend(found)
+        else:
+            raise FileNotFoundError(f"--data path {path} does not exist")
+    return files
+
+
+def _memmap(path: Path) -> np.memmap:
+    if path.stat().st_size == 0:
+        raise ValueError(f"--data file {path} is empty")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def _enwik8(path: Path) -> Corpus:
+    if path.suffix == ".zip":
+        path = _unzipped_enwik8(path)
+    data = _memmap(path)
+    if len(data) != ENWIK8_BYTES:
+        raise ValueError(
+            f"{path} has {len(data):,} bytes, but enwik8 has {ENWIK8_BYTES:,}; the file is truncated or "
+            "not enwik8 (rename it to train on it as plain bytes)"
+        )
+    return Corpus("enwik8", data[:ENWIK8_TRAIN], data[ENWIK8_TRAIN:ENWIK8_VALID], data[ENWIK8_VALID:])
+
+
+def _unzipped_enwik8(archive: Path) -> Path:
+    stat = archive.stat()
+    tag = hashlib.sha256(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = _cache_dir() / f"enwik8-{tag}"
+    if target.is_file():
+        return target
+    try:
+        with zipfile.ZipFile(archive) as zipped, zipped.open("enwik8") as member:
+            _write_atomically(target, lambda out: shutil.copyfileobj(member, out, 1 << 20))
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{archive} is not a valid zip file ({err}); download enwik8.zip again") from err
+    except KeyError as err:
+        raise ValueError(f"{archive} has no member named 'enwik8'") from err
+    return target
+
+
+def _concatenated(files: list[Path], split: str) -> np.memmap:
+    """The files joined by ``FILE_SEPARATOR``, written once into the cache folder, memory-mapped."""
+    key = "\n".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    path = _cache_dir() / f"files-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{split}.bin"
+    if not path.is_file():
+
+        def write(out) -> None:
+            for file in files:
+                with open(file, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                out.write(FILE_SEPARATOR)
+
+        _write_atomically(path, write)
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def _write_atomically(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write(out)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- the duplication task (paper, section 5) -------------------------------------------------------
+
+COPY_SYMBOLS = 127  # symbols 1..127; 0 separates the halves
+IGNORE_INDEX = -100
+
+
+def copy_task_batch(
+    batch_size: int, length: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences ``0 w 0 w`` of ``length`` tokens (``w``: ``length / 2 - 1`` random symbols in 1..127).
+
+    Returns ``inputs`` ``(batch_size, length)`` int64 and next-token ``targets`` of the same shape that
+    are ``IGNORE_INDEX`` except where the second copy of ``w`` is predicted (positions
+    ``length / 2 .. length - 2``), so loss and accuracy count only the second half.
+    """
+    if length < 4 or length % 2:
+        raise ValueError(f"copy task length={length} must be even and at least 4")
+    half = length // 2
+    w = torch.randint(1, COPY_SYMBOLS + 1, (batch_size, half - 1), generator=generator)
+    zero = torch.zeros(batch_size, 1, dtype=torch.long)
+    inputs = torch.cat([zero, w, zero, w], dim=1)
+    targets = torch.full_like(inputs, IGNORE_INDEX)
+    targets[:, half:-1] = inputs[:, half + 1 :]
+    return inputs, targets

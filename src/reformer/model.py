@@ -150,9 +150,13 @@ class ReformerLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         n_hashes: int | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(batch, length, vocab_size)``. ``attention_mask``: ``(batch, length)``, 1 = real token;
-        ``n_hashes`` overrides the LSH rounds for this call."""
+        ``n_hashes`` overrides the LSH rounds for this call. With ``targets`` ``(batch, length)`` it
+        returns :meth:`loss` instead (so wrappers such as DistributedDataParallel see one forward)."""
+        if targets is not None:
+            return self.loss(input_ids, targets, attention_mask, n_hashes)
         return self.lm_head(self.hidden_states(input_ids, attention_mask, n_hashes))
 
     def loss(
@@ -192,39 +196,38 @@ class ReformerLM(nn.Module):
             logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
         )
 
-    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
         max_new_tokens: int = 100,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        n_hashes: int | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
+        n_buckets: int | tuple[int, ...] | None = None,
+        hf_compatible: bool = False,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``input_ids`` ``(batch, length)``; returns the whole
-        ``(batch, length + max_new_tokens)`` sequence. ``temperature=0`` is greedy. Recomputes the full
-        (trailing ``max_seq_len``) context for every token; incremental caching is future work."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
-        was_training = self.training
-        self.eval()
-        ids = input_ids
-        for _ in range(max_new_tokens):
-            logits = self(ids[:, -self.config.max_seq_len :])[:, -1].float()
-            if temperature == 0:
-                next_id = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = logits.softmax(-1)
-                next_id = torch.multinomial(probs, 1, generator=generator)
-            ids = torch.cat([ids, next_id.to(ids.dtype)], dim=1)
-        self.train(was_training)
-        return ids
+        """Sample ``max_new_tokens`` tokens after ``input_ids`` ``(batch, length)``; returns
+        ``(batch, length + max_new_tokens)``, the prompt followed by the new ids.
+
+        ``temperature=0`` is greedy; otherwise ``top_k`` / ``top_p`` (nucleus) cut the distribution and
+        ``generator`` draws. ``attention_mask`` ``(batch, length)`` (1 = real) allows left-padded prompts
+        of different lengths. One run fixes the LSH bucket count (``n_buckets``, else the config's, else
+        the automatic count for prompt + new tokens) and the rotations. ``use_cache=True`` keeps per-layer
+        keys/values/buckets and costs one token's forward per step; ``use_cache=False`` recomputes the
+        whole (trailing ``max_seq_len``) context per step. See :mod:`reformer.generation` for when the two
+        are exactly equal. ``hf_compatible=True`` makes the cached LSH step follow HF transformers' rule
+        (which differs from the chunked computation) so that converted models generate HF's tokens.
+        """
+        from .generation import generate
+
+        return generate(
+            self, input_ids, max_new_tokens, temperature, top_k, top_p, use_cache, n_hashes, generator,
+            attention_mask, n_buckets, hf_compatible,
+        )  # fmt: skip
 
     # ---- HF transformers interoperability ----------------------------------------------------------
 
@@ -298,6 +301,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,236 @@
+"""Cached incremental decoding against recomputing the whole prefix, by prefix length.
+
+Prints a markdown table: per new token, cached decoding (median of the timed steps after one warm-up)
+and, where asked, recomputation (one forward over prefix + 1 with the same bucket count and rotations);
+the prefill time; the cache's size; the process's resident memory. The model is the paper's enwik8
+configuration (12 layers alternating local/LSH, d_model 1024, d_ff 4096, 8 heads, LSH bucket 64, local
+chunk 128, 2 hashes), random weights, batch 1, float32, on the CPU threads torch is given.
+
+``--agreement`` instead measures how often cached and recomputed greedy decoding agree on small random
+models that mix local and LSH layers (see docs/generation.md).
+
+    .venv/bin/python benchmarks/generation.py --lengths 1024,4096,16384,65536 --recompute 1024,4096
+    .venv/bin/python benchmarks/generation.py --agreement
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from reformer import ReformerConfig, ReformerLM
+from reformer.bench import rss_bytes
+from reformer.generation import (
+    GenerationCache,
+    KVCache,
+    LocalCache,
+    LSHCache,
+    decode_step,
+    prefill,
+    run_settings,
+)
+
+MIB = 2**20
+
+
+def enwik8_config(max_seq_len: int) -> ReformerConfig:
+    return ReformerConfig(
+        vocab_size=258, d_model=1024, n_heads=8, n_layers=12, d_ff=4096,
+        attn_layers=("local", "lsh") * 6, bucket_size=64, local_chunk_size=128, n_hashes=2,
+        max_seq_len=max_seq_len, causal=True,
+    )  # fmt: skip
+
+
+def synthetic_cache(model: ReformerLM, length: int, capacity: int, settings) -> GenerationCache:
+    """A cache of ``length`` random states of the right shapes (hashed with the run's rotations): the
+    decode step's cost depends on the sizes, not on the values. For prefixes too long to prefill here."""
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for block, rotations in zip(model.layers.blocks, settings.rotations, strict=True):
+        attn = block.attention
+        shape = (1, attn.n_heads, length, attn.d_head)
+        a, b = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        lengths = torch.tensor([length])
+        if rotations is not None:
+            layers.append(
+                LSHCache.from_prefix(
+                    a,
+                    b,
+                    lengths,
+                    rotations,
+                    settings.n_buckets,
+                    attn.bucket_size,
+                    attn.n_chunks_before,
+                    attn.n_chunks_after,
+                    capacity,
+                )  # fmt: skip
+            )
+        elif hasattr(attn, "chunk_size"):
+            layers.append(LocalCache.from_prefix(a, b, lengths, attn.chunk_size, attn.n_chunks_before))
+        else:
+            layers.append(KVCache.from_prefix(a, b, capacity))
+        del a, b
+    return GenerationCache(layers, torch.tensor([length]), length, settings.n_buckets, None)
+
+
+def time_length(
+    model: ReformerLM, length: int, steps: int, recompute: bool, synthetic: bool, decode_threads: int | None
+) -> dict:
+    gc.collect()
+    ids = torch.randint(2, 258, (1, length), generator=torch.Generator().manual_seed(length))
+    capacity = length + 2 * (steps + 1) + 1
+    settings = run_settings(model, capacity)
+    lengths = torch.tensor([length])
+    row: dict = {
+        "length": length,
+        "n_buckets": settings.n_buckets,
+        "prefill": "synthetic" if synthetic else "real",
+    }
+    t0 = time.perf_counter()
+    if synthetic:
+        cache = synthetic_cache(model, length, capacity, settings)
+        row["prefill_s"] = None
+    else:
+        _, cache = prefill(model, ids, lengths, settings, capacity=capacity)
+        row["prefill_s"] = time.perf_counter() - t0
+    if recompute:  # one forward over prefix + 1 token, with the same threads as the prefill
+        full = torch.cat([ids, torch.tensor([[65]])], dim=1)
+        t0 = time.perf_counter()
+        prefill(model, full, lengths + 1, settings, keep_cache=False)
+        row["recompute_ms"] = 1e3 * (time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    next_ids = torch.tensor([65])
+    for key, n_threads in (("cached_ms", threads), ("cached_ms_decode_threads", decode_threads)):
+        if n_threads is None:
+            continue
+        torch.set_num_threads(n_threads)
+        times = []
+        for _ in range(steps + 1):  # the first is the warm-up
+            t0 = time.perf_counter()
+            logits = decode_step(model, cache, next_ids)
+            times.append(time.perf_counter() - t0)
+            next_ids = logits.argmax(-1)
+        row[key] = 1e3 * statistics.median(times[1:])
+    torch.set_num_threads(threads)
+    best = min(row["cached_ms"], row.get("cached_ms_decode_threads", float("inf")))
+    if recompute:
+        row["speedup"] = row["recompute_ms"] / best
+    row["cache_mib"] = cache.nbytes() / MIB
+    row["rss_mib"] = rss_bytes() / MIB
+    return row
+
+
+def speed(args: argparse.Namespace) -> None:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    recompute = {int(x) for x in args.recompute.split(",")} if args.recompute else set()
+    torch.manual_seed(0)
+    model = ReformerLM(enwik8_config(max(65536, max(lengths) + 2 * (args.steps + 1) + 1))).eval()
+    print(f"# enwik8 preset, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+          f"torch {torch.__version__}, batch 1, float32", flush=True)  # fmt: skip
+    threads = torch.get_num_threads()
+    extra = f" cached ms/token ({args.decode_threads} thr) |" if args.decode_threads else ""
+    print(f"| prefix | prefill | prefill s | recompute ms/token ({threads} thr) | "
+          f"cached ms/token ({threads} thr) |{extra} speedup | cache MiB | RSS MiB |")  # fmt: skip
+    print("|---" * (9 if args.decode_threads else 8) + "|", flush=True)
+    rows = []
+    with torch.no_grad():
+        for length in lengths:
+            synthetic = length > args.real_prefill_max
+            row = time_length(model, length, args.steps, length in recompute, synthetic, args.decode_threads)
+            rows.append(row)
+            pre = "-" if row["prefill_s"] is None else f"{row['prefill_s']:.1f}"
+            rec = f"{row['recompute_ms']:.0f}" if "recompute_ms" in row else "-"
+            spd = f"{row['speedup']:.0f}x" if "speedup" in row else "-"
+            dec = f" {row['cached_ms_decode_threads']:.1f} |" if args.decode_threads else ""
+            print(
+                f"| {length} | {row['prefill']} | {pre} | {rec} | {row['cached_ms']:.1f} |{dec} {spd} | "
+                f"{row['cache_mib']:.0f} | {row['rss_mib']:.0f} |",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def agreement(args: argparse.Namespace) -> None:
+    """Greedy cached vs recomputed decoding on random models mixing local and LSH layers."""
+    print("| layers | init std | prompt | runs | identical runs | median first divergence | "
+          "teacher-forced top-1 agreement | max abs logit diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    new = args.new_tokens
+    for layers in (("local", "lsh") * 2, ("lsh", "local") * 2, ("lsh",) * 4):
+        for std in (0.02, 0.3):
+            for prompt in (16, 64, 100):
+                torch.manual_seed(0)
+                cfg = ReformerConfig(
+                    vocab_size=256, d_model=64, n_heads=2, n_layers=4, d_ff=128, attn_layers=layers,
+                    bucket_size=16, local_chunk_size=32, n_hashes=2, max_seq_len=1024, ff_chunk_size=None,
+                )  # fmt: skip
+                model = ReformerLM(cfg).eval()
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.dim() > 1:
+                            p.normal_(0, std)
+                same, firsts, top1, worst = 0, [], [], 0.0
+                for run in range(args.runs):
+                    ids = torch.randint(0, 256, (1, prompt), generator=torch.Generator().manual_seed(run))
+                    a = model.generate(ids, new, temperature=0.0)
+                    b = model.generate(ids, new, temperature=0.0, use_cache=False)
+                    diff = (a[0, prompt:] != b[0, prompt:]).nonzero()
+                    same += int(len(diff) == 0)
+                    firsts.append(new if len(diff) == 0 else int(diff[0]))
+                    # Teacher forcing on the cached run's tokens: does each step's argmax agree?
+                    settings = run_settings(model, prompt + new)
+                    with torch.no_grad():
+                        logits, cache = prefill(model, ids, torch.tensor([prompt]), settings, prompt + new)
+                        for step in range(new):
+                            seq = a[:, : prompt + step]
+                            ref, _ = prefill(
+                                model, seq, torch.tensor([seq.shape[1]]), settings, keep_cache=False
+                            )
+                            top1.append(int(ref.argmax(-1)) == int(logits.argmax(-1)))
+                            worst = max(worst, (ref - logits).abs().max().item())
+                            logits = decode_step(model, cache, a[:, prompt + step])
+                print(
+                    f"| {','.join(layers)} | {std} | {prompt} | {args.runs} | {same}/{args.runs} | "
+                    f"{statistics.median(firsts)} of {new} | {100 * sum(top1) / len(top1):.1f}% | "
+                    f"{worst:.2g} |",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", default="1024,4096,16384,65536", help="prefix lengths")
+    parser.add_argument("--recompute", default="1024,4096", help="lengths at which to time recomputation")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="timed decode steps per length (after a warm-up)"
+    )
+    parser.add_argument(
+        "--real-prefill-max", type=int, default=65536,
+        help="longer prefixes get a synthetic cache (random states of the right shapes) instead of a prefill",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decode-threads", type=int, default=None,
+        help="also time the decode steps with this many torch threads (a shared machine: try 1)",
+    )  # fmt: skip
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--agreement", action="store_true", help="measure cached vs recomputed agreement")
+    parser.add_argument("--runs", type=int, default=5, help="prompts per agreement setting")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per agreement run")
+    args = parser.parse_args()
+    if args.agreement:
+        agreement(args)
+    else:
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Training loop, checkpoints, resume, signals, data sources, DDP and the train/eval commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reformer import ReformerLM
+from reformer.cli import main
+from reformer.data import COPY_SYMBOLS, IGNORE_INDEX, copy_task_batch, load_corpus
+from reformer.train import (
+    TrainConfig,
+    TrainingError,
+    checkpoint_dirs,
+    contiguous_windows,
+    evaluate_run,
+    learning_rate,
+    train,
+)
+
+# A model small enough for many short runs: two layers (local + LSH), 64-token windows.
+SMALL_MODEL = dict(
+    d_model=32, n_heads=2, n_layers=2, d_ff=64, bucket_size=8, n_hashes=2,
+    attn_layers=("local", "lsh"), local_chunk_size=16,
+)  # fmt: skip
+SMALL_FLAGS = [
+    "--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--d-ff", "64", "--bucket-size", "8",
+    "--attn-layers", "local,lsh", "--seq-len", "64", "--batch-size", "4", "--no-progress", "--no-sample",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus_file(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    return path
+
+
+def small_config(data: Path | None, **changes) -> TrainConfig:
+    settings = dict(
+        model=dict(SMALL_MODEL), data=[str(data)] if data else [], seq_len=64, batch_size=4, steps=10,
+        lr=3e-3, warmup=5, eval_every=5, save_every=5, eval_batches=2, progress=False,
+    )  # fmt: skip
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+
+def test_copy_task_batch_is_0w0w_with_second_half_targets():
+    inputs, targets = copy_task_batch(5, 20, torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (5, 20)
+    assert (inputs[:, 0] == 0).all() and (inputs[:, 10] == 0).all()
+    assert torch.equal(inputs[:, 1:10], inputs[:, 11:])
+    assert inputs[:, 1:10].min() >= 1 and inputs[:, 1:10].max() <= COPY_SYMBOLS
+    counted = targets != IGNORE_INDEX
+    assert counted[:, 10:19].all() and not counted[:, :10].any() and not counted[:, 19].any()
+    assert torch.equal(targets[:, 10:19], inputs[:, 11:20])  # next token of the second copy
+    with pytest.raises(ValueError, match="even"):
+        copy_task_batch(1, 21, torch.Generator())
+
+
+def test_single_file_holds_out_its_tail(corpus_file):
+    corpus = load_corpus([corpus_file])
+    raw = corpus_file.read_bytes()
+    assert len(corpus.train) + len(corpus.test) == len(raw)
+    assert len(corpus.test) == int(len(raw) * 0.05)
+    assert bytes(corpus.train[:10]) == raw[:10] and bytes(corpus.test[-10:]) == raw[-10:]
+
+
+def test_folder_is_split_by_file(tmp_path):
+    folder = tmp_path / "texts"
+    for i in range(40):
+        (folder / f"sub{i % 3}").mkdir(parents=True, exist_ok=True)
+        (folder / f"sub{i % 3}" / f"f{i}.txt").write_text(f"file {i} " * 20)
+    (folder / ".hidden").write_text("never read")
+    corpus = load_corpus([folder])
+    train_text, test_text = bytes(corpus.train), bytes(corpus.test)
+    assert test_text and train_text and b"never read" not in train_text + test_text
+    for i in range(40):  # each file is wholly on one side
+        needle = f"file {i} " * 20
+        assert (needle.encode() in train_text) != (needle.encode() in test_text)
+    assert load_corpus([folder]).test.filename == corpus.test.filename  # deterministic, cached
+
+
+def test_bad_data_paths_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_corpus([tmp_path / "nope"])
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_corpus([tmp_path / "empty.txt"])
+    (tmp_path / "enwik8.zip").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a valid zip"):
+        load_corpus([tmp_path / "enwik8.zip"])
+    (tmp_path / "enwik8").write_bytes(b"x" * 1000)
+    with pytest.raises(ValueError, match="truncated or not enwik8"):
+        load_corpus([tmp_path / "enwik8"])
+
+
+def test_enwik8_zip_gives_the_standard_split(tmp_path):
+    data = np.zeros(100_000_000, dtype=np.uint8)
+    data[89_999_999], data[90_000_000], data[95_000_000] = 1, 2, 3
+    archive = tmp_path / "enwik8.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        z.writestr("enwik8", data.tobytes())
+    del data
+    corpus = load_corpus([archive])
+    assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (90_000_000, 5_000_000, 5_000_000)
+    assert corpus.train[-1] == 1 and corpus.valid[0] == 2 and corpus.test[0] == 3
+
+
+def test_contiguous_windows_predict_every_byte_once():
+    data = np.arange(1, 26, dtype=np.uint8)  # 25 bytes: 24 predictions
+    batches = list(contiguous_windows(data, seq_len=5, batch_size=2, max_tokens=None))
+    targets = torch.cat([t.flatten() for _, t in batches]).tolist()
+    assert targets == list(range(2, 26))
+    for inputs, t in batches:
+        assert torch.equal(inputs[:, 1:], t[:, :-1])
+
+
+# ---- schedule --------------------------------------------------------------------------------------
+
+
+def test_rsqrt_schedule_warms_up_and_does_not_depend_on_steps():
+    cfg = TrainConfig(model={}, lr=1e-3, warmup=100)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-5)
+    assert learning_rate(cfg, 99) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 399) == pytest.approx(5e-4)  # sqrt(100 / 400)
+    longer = TrainConfig(model={}, lr=1e-3, warmup=100, steps=10**6)
+    assert [learning_rate(longer, s) for s in range(0, 2000, 37)] == [
+        learning_rate(cfg, s) for s in range(0, 2000, 37)
+    ]
+    cosine = TrainConfig(model={}, lr=1e-3, warmup=10, schedule="cosine", cosine_steps=110)
+    assert learning_rate(cosine, 9) == pytest.approx(1e-3)
+    assert learning_rate(cosine, 109) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="cosine-steps"):
+        TrainConfig(model={}, schedule="cosine").validate()
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+
+def test_loss_falls_on_a_repetitive_corpus(tmp_path, corpus_file):
+    result = train(small_config(corpus_file, steps=60, eval_every=60, save_every=60), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r["split"] == "train")
+    assert result.metrics["bits_per_byte"] < 0.5 * first["loss"] / math.log(2)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 60 and state["world_size"] == 1
+
+
+def test_resume_is_bit_identical_to_a_straight_run(tmp_path, corpus_file):
+    # Dropout and fresh hash rotations every step: the RNG states must be restored exactly.
+    cfg = small_config(corpus_file, model={**SMALL_MODEL, "dropout": 0.1}, steps=20, save_every=10)
+    train(cfg, tmp_path / "straight")
+    train(small_config(corpus_file, model=cfg.model, steps=10, save_every=10), tmp_path / "halves")
+    train(
+        small_config(corpus_file, model=cfg.model, steps=20, save_every=10), tmp_path / "halves", resume=True
+    )
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "halves" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    straight_opt = torch.load(checkpoint_dirs(tmp_path / "straight")[-1] / "optimizer.pt")
+    resumed_opt = torch.load(checkpoint_dirs(tmp_path / "halves")[-1] / "optimizer.pt")
+    for a, b in zip(straight_opt["state"].values(), resumed_opt["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_runs_refuse_to_overwrite_or_resume_nothing(tmp_path, corpus_file):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(small_config(corpus_file), tmp_path / "empty", resume=True)
+    train(small_config(corpus_file, steps=5), tmp_path / "run")
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(small_config(corpus_file, steps=5), tmp_path / "run")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file):
+    cfg = small_config(corpus_file, steps=5, save_every=5)
+    train(cfg, tmp_path / "run")
+    good = load_file(tmp_path / "run" / "model.safetensors")
+    poisoned = tmp_path / "run" / "checkpoints" / "step-00000005"
+    weights = load_file(poisoned / "model.safetensors")
+    weights["lm_head.bias"][0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(weights, poisoned / "model.safetensors")
+    with pytest.raises(TrainingError, match="loss became nan at step 6.*step-00000005"):
+        train(small_config(corpus_file, steps=10, save_every=5), tmp_path / "run", resume=True)
+    assert checkpoint_dirs(tmp_path / "run")[-1].name == "step-00000005"
+    assert all(torch.equal(good[k], v) for k, v in load_file(tmp_path / "run" / "model.safetensors").items())
+
+
+def test_damaged_checkpoint_is_reported(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_file), "--out", str(run), "--steps", "3", *SMALL_FLAGS]) == 0
+    (checkpoint_dirs(run)[-1] / "model.safetensors").write_bytes(b"garbage")
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--no-sample"]) == 1
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    (checkpoint_dirs(run)[-1] / "trainer_state.json").write_text("{")
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--no-sample"]) == 1
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_errors_name_the_bad_value(tmp_path, capsys):
+    assert (
+        main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"), *SMALL_FLAGS])
+        == 1
+    )
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--batch-size", "0", "--out", str(tmp_path / "r2")])
+    assert "batch_size=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "lm", "--preset", "copy", "--out", str(tmp_path / "r3")])
+    assert "copy-task preset" in capsys.readouterr().err
+
+
+def test_resume_only_changes_run_control_flags(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_file), "--out", str(run), "--steps", "2", *SMALL_FLAGS]) == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(run), "--resume", "--lr", "0.5"])
+    assert "differs from the resumed run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(run), "--resume", "--d-model", "64"])
+    assert "drop --d-model" in capsys.readouterr().err
+
+
+def test_eval_command_prints_bits_per_byte_last(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_file), "--out", str(run), "--steps", "3", *SMALL_FLAGS]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--max-tokens", "500"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("bits_per_byte=") and 0 < float(last.split("=")[1]) < 9
+    assert main(["eval", str(tmp_path / "nowhere")]) == 1
+
+
+def test_copy_task_run_reports_accuracy(tmp_path, capsys):
+    run = tmp_path / "copy"
+    flags = ["--task", "copy", "--seq-len", "32", "--batch-size", "4", "--bucket-size", "8",
+             "--d-model", "32", "--d-ff", "64", "--n-heads", "2", "--steps", "2", "--no-progress",
+             "--no-sample"]  # fmt: skip
+    assert main(["train", "--out", str(run), *flags]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n-hashes", "8"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("accuracy=") and 0 <= float(last.split("=")[1]) <= 1
+    full = evaluate_run(run, full_attention=True)
+    assert 0 <= full["accuracy"] <= 1
+
+
+# ---- interruption ----------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "reformer", *args]
+
+
+def test_sigint_saves_a_loadable_checkpoint(tmp_path, corpus_file):
+    run = tmp_path / "run"
+    env = {**os.environ, "REFORMER_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        _cli("train", "--data", str(corpus_file), "--out", str(run), "--steps", "100000",
+             "--log-every", "1", "--save-every", "100000", *SMALL_FLAGS),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "stopped by signal" in err and "--resume" in err
+    state = json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())
+    assert state["step"] >= 1
+    model = ReformerLM.from_pretrained(run)
+    assert model(torch.zeros(1, 8, dtype=torch.long)).isfinite().all()
+
+
+# ---- scale out -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path, corpus_file):
+    env = {**os.environ, "REFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    common = ["train", "--data", str(corpus_file), "--steps", "2", "--device", "cpu", *SMALL_FLAGS]
+    single = subprocess.run(
+        _cli(*common, "--out", str(tmp_path / "one")), env=env, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(_free_port()), "-m", "reformer"]  # fmt: skip
+    ddp = subprocess.run(
+        [*launcher, *common, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True
+    )
+    assert ddp.returncode == 0, ddp.stderr
+    assert "parameters identical across 2 processes" in ddp.stderr
+    state = json.loads((checkpoint_dirs(tmp_path / "two")[-1] / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 2
+    one, two = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-6, msg=name)
