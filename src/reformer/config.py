@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_text
+
 ATTENTION_KINDS = ("lsh", "local", "full")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 
@@ -147,7 +149,7 @@ class ReformerConfig:
         return dataclass_from_dict(cls, data, "config")
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> ReformerConfig:

@@ -7,7 +7,6 @@ import hashlib
 import os
 import shutil
 import sysconfig
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 HELD_OUT_FRACTION = 0.05
 FILE_SEPARATOR = b"\n\x00\n"
@@ -50,12 +51,13 @@ def default_corpus(split: str = "train") -> np.memmap:
     path = _cache_dir() / f"stdlib-{tag}-{split}.bin"
     if not path.is_file():
 
-        def write(out) -> None:
-            for file in default_corpus_files():
-                if is_held_out(file, root) == (split == "test"):
-                    out.write(file.read_bytes() + FILE_SEPARATOR)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as out:
+                for file in default_corpus_files():
+                    if is_held_out(file, root) == (split == "test"):
+                        out.write(file.read_bytes() + FILE_SEPARATOR)
 
-        _write_atomically(path, write)
+        atomic_write(path, write)
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
@@ -88,6 +90,7 @@ def encode_text(text: str) -> torch.Tensor:
 
 # ---- user corpora ----------------------------------------------------------------------------------
 
+COPY_BLOCK = 1 << 20  # bytes per read when copying files into the cache
 ENWIK8_BYTES = 100_000_000
 ENWIK8_TRAIN, ENWIK8_VALID = 90_000_000, 95_000_000  # the standard 90M / 5M / 5M split
 
@@ -180,7 +183,7 @@ def _unzipped_enwik8(archive: Path) -> Path:
         return target
     try:
         with zipfile.ZipFile(archive) as zipped, zipped.open("enwik8") as member:
-            _write_atomically(target, lambda out: shutil.copyfileobj(member, out, 1 << 20))
+            atomic_write(target, lambda tmp: _copy_to(member, tmp))
     except zipfile.BadZipFile as err:
         raise ValueError(f"{archive} is not a valid zip file ({err}); download enwik8.zip again") from err
     except KeyError as err:
@@ -194,26 +197,20 @@ def _concatenated(files: list[Path], split: str) -> np.memmap:
     path = _cache_dir() / f"files-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{split}.bin"
     if not path.is_file():
 
-        def write(out) -> None:
-            for file in files:
-                with open(file, "rb") as source:
-                    shutil.copyfileobj(source, out, 1 << 20)
-                out.write(FILE_SEPARATOR)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as out:
+                for file in files:
+                    with open(file, "rb") as source:
+                        shutil.copyfileobj(source, out, COPY_BLOCK)
+                    out.write(FILE_SEPARATOR)
 
-        _write_atomically(path, write)
+        atomic_write(path, write)
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def _write_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _copy_to(source, path: Path) -> None:
+    with open(path, "wb") as out:
+        shutil.copyfileobj(source, out, COPY_BLOCK)
 
 
 # ---- the duplication task (paper, section 5) -------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from .attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
 from .config import ReformerConfig
 from .embeddings import AxialPositionEmbedding, ReformerEmbeddings
 from .feedforward import FeedForward
+from .files import atomic_write, atomic_write_text
 from .reversible import ReformerBlock, ReversibleSequence
 
 CONFIG_FILE = "config.json"
@@ -253,11 +253,10 @@ class ReformerLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(
+        atomic_write(
             directory / WEIGHTS_FILE, lambda path: save_file(state, str(path), metadata={"format": "pt"})
         )
-        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-        _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(text))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(
@@ -294,17 +293,3 @@ class ReformerLM(nn.Module):
                 )
         model.load_state_dict(state)
         return model.to(map_location)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

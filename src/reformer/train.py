@@ -35,6 +35,7 @@ from .data import (
     load_corpus,
     random_windows,
 )
+from .files import atomic_write, atomic_write_text
 from .model import ReformerLM
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -473,8 +474,7 @@ def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> Trai
             MetricsLog(run, cfg.task, enabled=True).truncate_after(state["step"])
             print(f"resumed {run} at step {state['step']} from {existing[-1]}", file=sys.stderr)
     elif dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / TRAIN_CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     if dist.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         source = corpus.describe() if corpus else f"copy task, length {cfg.seq_len}"
@@ -632,9 +632,7 @@ class MetricsLog:
         if not self.path.is_file():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self) -> None:
         if not self.enabled or not self.path.is_file():
@@ -669,10 +667,8 @@ def plot_metrics(metrics: Path, out: Path, task: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 # ---- eval and sample -------------------------------------------------------------------------------
