@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..config import validate_n_buckets
-from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, sort_by_bucket
+from ..hashing import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors, sort_by_bucket
 from .base import SelfAttentionBase
 from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed, flat_rows
 from .masks import check_attention_inputs, pad_to_multiple
@@ -45,6 +45,7 @@ def lsh_sort_indices(
     key_padding_mask: torch.Tensor | None = None,
     rotations: torch.Tensor | None = None,
     seed: int | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Hash ``qk`` and sort every round by (bucket, position).
 
@@ -53,6 +54,7 @@ def lsh_sort_indices(
         key_padding_mask: ``(batch, length)`` bool, True for real tokens; padding sorts last.
         rotations: ``(heads, head_dim, n_hashes, sum(factors) // 2)``; drawn (from ``seed`` if given)
             when None.
+        fused: hash with the Triton kernel (argmax in the matmul's epilogue) where it applies.
 
     Returns:
         ``(batch, heads, n_hashes, length)`` int64 positions.
@@ -60,6 +62,11 @@ def lsh_sort_indices(
     _, heads, _, head_dim = qk.shape
     if rotations is None:
         rotations = draw_rotations(heads, head_dim, n_hashes, n_buckets, seed=seed, device=qk.device)
+    if fused:
+        from . import triton_lsh
+
+        if len(bucket_factors(n_buckets)) <= triton_lsh.MAX_FACTORS:
+            return triton_lsh.hash_sort_indices(qk.detach(), rotations, n_buckets, key_padding_mask)
     buckets = hash_vectors(qk.detach(), rotations, n_buckets)
     return sort_by_bucket(buckets, key_padding_mask)
 
@@ -109,19 +116,18 @@ def lsh_attention(
     Returns:
         ``(batch, heads, length, head_dim_v)`` in ``v``'s dtype (and the sort indices if asked).
     """
-    if resolve_backend(backend, qk.device) == "triton":
-        from .triton_lsh import triton_lsh_attention
-
-        return triton_lsh_attention(
-            qk, v, bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets, causal=causal,
-            attention_mask=attention_mask, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-            dropout_p=dropout_p, dropout_seed=dropout_seed, rotations=rotations, hash_seed=hash_seed,
-            sort_indices=sort_indices, return_sort_indices=return_sort_indices,
-        )  # fmt: skip
+    backend = resolve_backend(backend, qk.device)
     key_valid = check_attention_inputs(qk, v, attention_mask, "qk")
     if n_hashes < 1:
         raise ValueError(f"n_hashes={n_hashes} must be at least 1")
     validate_n_buckets(n_buckets)
+    if backend == "triton":
+        from . import triton_lsh
+
+        triton_lsh.check_device(qk)
+        # The kernels draw no dropout masks and have no float64 path: those calls stay on PyTorch.
+        if dropout_p > 0.0 or torch.float64 in (qk.dtype, v.dtype):
+            backend = "torch"
     batch, heads, length, head_dim = qk.shape
     keys = normalize_keys(qk)
 
@@ -143,6 +149,7 @@ def lsh_attention(
             key_padding_mask=key_valid,
             rotations=rotations,
             seed=hash_seed,
+            fused=backend == "triton",
         )
     elif sort_indices.shape != (batch, heads, n_hashes, padded):
         raise ValueError(
@@ -150,20 +157,27 @@ def lsh_attention(
             f"{(batch, heads, n_hashes, padded)} for this input and n_hashes={n_hashes}"
         )
 
-    slices = batch * heads
-    offsets = torch.arange(slices, device=qk.device).view(batch, heads, 1, 1) * padded
-    chunk_rows = (sort_indices + offsets).view(slices * n_hashes * chunks, bucket_size)
     real_chunks = None
     if key_valid is not None:
         real_chunks = (key_valid.sum(-1) + bucket_size - 1) // bucket_size
-    neighbours = chunk_neighbours(
-        real_chunks, batch, n_hashes, chunks, n_chunks_before, n_chunks_after, qk.device
-    )
-    plan = ChunkPlan.shared_by_heads(
-        chunk_rows, neighbours, key_valid, heads, n_hashes, causal, self_mask=True
-    )
-    out = chunked_attention(flat_rows(qk_p), flat_rows(keys_p), flat_rows(v_p), plan, dropout_p, dropout_seed)
-    out = out.view(batch, heads, padded, v.shape[-1])[:, :, :length]
+    window = (n_chunks_before, n_chunks_after)
+    if backend == "triton":
+        if qk.dtype != v.dtype:
+            raise TypeError(f"backend='triton' needs qk and v of one dtype, got {qk.dtype} and {v.dtype}")
+        out = triton_lsh.fused_lsh_core(
+            qk_p, keys_p, v_p, sort_indices, real_chunks, key_valid, bucket_size=bucket_size, causal=causal,
+            window=window,
+        )  # fmt: skip
+    else:
+        slices = batch * heads
+        offsets = torch.arange(slices, device=qk.device).view(batch, heads, 1, 1) * padded
+        chunk_rows = (sort_indices + offsets).view(slices * n_hashes * chunks, bucket_size)
+        neighbours = chunk_neighbours(real_chunks, batch, n_hashes, chunks, *window, qk.device)
+        plan = ChunkPlan.shared_by_heads(chunk_rows, neighbours, key_valid, heads, n_hashes, causal, True)
+        out = chunked_attention(
+            flat_rows(qk_p), flat_rows(keys_p), flat_rows(v_p), plan, dropout_p, dropout_seed
+        ).view(batch, heads, padded, v.shape[-1])
+    out = out[:, :, :length]
     return (out, sort_indices) if return_sort_indices else out
 
 

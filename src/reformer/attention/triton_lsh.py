@@ -29,7 +29,10 @@ keys get ``-1e9``, the query's own key ``-1e5``. For float32 inputs every ``tl.d
 results match the PyTorch path to rounding. For bfloat16/float16 the round merge and the
 cross-round gradient sums are stored in the input dtype (float32 inside a tile).
 
-Not covered by the kernels, and delegated to the PyTorch path: sequences up to one chunk (exact
+Input checks, padding, rotations and the replay of sort indices are :func:`reformer.lsh_attention`'s,
+shared with the PyTorch path: with ``backend="triton"`` it hashes with ``hash_sort_indices`` and hands
+the padded, sorted problem to :func:`fused_lsh_core`. Not covered by the kernels, and delegated to the
+PyTorch path: sequences up to one chunk (exact
 attention), attention dropout (its masks come from ``torch.rand``), and float64.
 
 Triton is optional: this module imports without it; :func:`is_available` says whether the kernels can
@@ -43,10 +46,8 @@ import os
 
 import torch
 
-from ..config import validate_n_buckets
-from ..hashing import auto_n_buckets, bucket_factors, draw_rotations, total_buckets
+from ..hashing import bucket_factors, total_buckets
 from .chunked import LOG2E, MASK_VALUE, SELF_MASK_VALUE, chunk_neighbours
-from .masks import check_attention_inputs, pad_to_multiple
 
 try:  # optional dependency: the `[gpu]` extra
     import triton
@@ -434,7 +435,8 @@ def _grid(n_tiles: int, device: torch.device) -> tuple[int]:
     return (max(1, min(n_tiles, 3)),)
 
 
-def _check_device(x: torch.Tensor) -> None:
+def check_device(x: torch.Tensor) -> None:
+    """Refuse tensors the kernels cannot run on (CPU ones unless interpreted)."""
     if x.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"backend='triton' runs on CUDA tensors (got {x.device.type}); on CPU use backend='torch', or "
@@ -465,7 +467,7 @@ def hash_sort_indices(
         ``(batch, heads, n_hashes, length)`` int64 positions.
     """
     require_triton()
-    _check_device(qk)
+    check_device(qk)
     factors = bucket_factors(n_buckets)
     if rotations.shape[-1] * 2 != sum(factors) or len(factors) > MAX_FACTORS:
         raise ValueError(
@@ -571,80 +573,51 @@ class _TritonLSHAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def triton_lsh_attention(
-    qk: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    bucket_size: int = 64,
-    n_hashes: int = 4,
-    n_buckets: int | tuple[int, ...] | None = None,
-    causal: bool = False,
-    attention_mask: torch.Tensor | None = None,
-    n_chunks_before: int = 1,
-    n_chunks_after: int = 0,
-    dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
-    rotations: torch.Tensor | None = None,
-    hash_seed: int | None = None,
-    sort_indices: torch.Tensor | None = None,
-    return_sort_indices: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`reformer.lsh_attention` through the fused Triton kernels (same arguments, same results).
+def triton_lsh_attention(qk: torch.Tensor, v: torch.Tensor, **kwargs):
+    """:func:`reformer.lsh_attention` with ``backend="triton"``: same arguments, same results.
 
-    Args and returns as :func:`reformer.lsh_attention`: ``qk`` ``(batch, heads, length, head_dim)``,
-    ``v`` ``(batch, heads, length, head_dim_v)`` (float32, bfloat16 or float16) -> ``(batch, heads,
-    length, head_dim_v)`` in ``v``'s dtype. The outputs of padding positions that fall in chunks made only
-    of padding are zero here (the PyTorch path computes values there that nothing should use).
-    Sequences up to ``bucket_size``, attention dropout and float64 run on the PyTorch path.
+    ``qk`` ``(batch, heads, length, head_dim)``, ``v`` ``(batch, heads, length, head_dim_v)`` (float32,
+    bfloat16 or float16) -> ``(batch, heads, length, head_dim_v)`` in ``v``'s dtype. The outputs of padding
+    positions that fall in chunks made only of padding are zero here (the PyTorch path computes values
+    there that nothing should use). Sequences up to ``bucket_size``, attention dropout and float64 run on
+    the PyTorch path.
     """
-    from .lsh import lsh_attention, normalize_keys
+    from .lsh import lsh_attention
 
-    require_triton()
-    key_valid = check_attention_inputs(qk, v, attention_mask, "qk")
-    if n_hashes < 1:
-        raise ValueError(f"n_hashes={n_hashes} must be at least 1")
-    validate_n_buckets(n_buckets)
-    _check_device(qk)
-    batch, heads, length, head_dim = qk.shape
-    if length <= bucket_size or dropout_p > 0.0 or qk.dtype == torch.float64 or v.dtype == torch.float64:
-        return lsh_attention(
-            qk, v, bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets, causal=causal,
-            attention_mask=attention_mask, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-            dropout_p=dropout_p, dropout_seed=dropout_seed, rotations=rotations, hash_seed=hash_seed,
-            sort_indices=sort_indices, return_sort_indices=return_sort_indices, backend="torch",
-        )  # fmt: skip
-    if qk.dtype != v.dtype:
-        raise TypeError(f"backend='triton' needs qk and v of one dtype, got {qk.dtype} and {v.dtype}")
+    return lsh_attention(qk, v, backend="triton", **kwargs)
 
-    keys = normalize_keys(qk)
-    padded = -(-length // bucket_size) * bucket_size
+
+def fused_lsh_core(
+    qk: torch.Tensor,
+    keys: torch.Tensor,
+    v: torch.Tensor,
+    sort_indices: torch.Tensor,
+    real_chunks: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
+    *,
+    bucket_size: int,
+    causal: bool,
+    window: tuple[int, int],
+) -> torch.Tensor:
+    """The attention over sorted chunks, fused; :func:`reformer.lsh_attention` prepares its inputs.
+
+    Args:
+        qk, keys: ``(batch, heads, padded_length, head_dim)`` queries and normalised keys, padded to a
+            multiple of ``bucket_size``; v: ``(batch, heads, padded_length, head_dim_v)``.
+        sort_indices: ``(batch, heads, n_hashes, padded_length)`` int64.
+        real_chunks: ``(batch,)`` chunks per round holding real tokens (None: all of them).
+        key_valid: ``(batch, padded_length)`` bool, False for padding, or None.
+        window: how many chunks before and after its own each query chunk attends to.
+
+    Returns:
+        ``(batch, heads, padded_length, head_dim_v)`` in ``v``'s dtype.
+    """
+    batch, _, n_hashes, padded = sort_indices.shape
     chunks = padded // bucket_size
-    qk_p, keys_p, v_p, key_valid = pad_to_multiple(padded, qk, keys, v, key_valid=key_valid)
-    if sort_indices is None:
-        n_buckets = n_buckets if n_buckets is not None else auto_n_buckets(padded, bucket_size)
-        if rotations is None:
-            rotations = draw_rotations(heads, head_dim, n_hashes, n_buckets, seed=hash_seed, device=qk.device)
-        if len(bucket_factors(n_buckets)) <= MAX_FACTORS:
-            sort_indices = hash_sort_indices(qk_p.detach(), rotations, n_buckets, key_valid)
-        else:
-            from .lsh import lsh_sort_indices
-
-            sort_indices = lsh_sort_indices(
-                qk_p, n_hashes=n_hashes, n_buckets=n_buckets, key_padding_mask=key_valid, rotations=rotations
-            )
-    elif sort_indices.shape != (batch, heads, n_hashes, padded):
-        raise ValueError(
-            f"sort_indices has shape {tuple(sort_indices.shape)}, expected "
-            f"{(batch, heads, n_hashes, padded)} for this input and n_hashes={n_hashes}"
-        )
-
-    real_chunks = None
-    if key_valid is not None:
-        real_chunks = (key_valid.sum(-1) + bucket_size - 1) // bucket_size
-    window = (real_chunks, batch, n_hashes, chunks)
-    neighbours = chunk_neighbours(*window, n_chunks_before, n_chunks_after, qk.device)
+    layout = (real_chunks, batch, n_hashes, chunks)
+    neighbours = chunk_neighbours(*layout, *window, qk.device)
     # The query chunks that see each key chunk: the same map with the window reflected.
-    inverse = chunk_neighbours(*window, n_chunks_after, n_chunks_before, qk.device)
+    inverse = chunk_neighbours(*layout, *reversed(window), qk.device)
     if real_chunks is None:
         real_chunks = torch.full((batch,), chunks, device=qk.device)
     plan = _Plan(
@@ -656,6 +629,4 @@ def triton_lsh_attention(
         causal=causal,
         chunk=bucket_size,
     )
-    out = _TritonLSHAttention.apply(_unit_last(qk_p), _unit_last(keys_p), _unit_last(v_p), plan)
-    out = out[:, :, :length]
-    return (out, sort_indices) if return_sort_indices else out
+    return _TritonLSHAttention.apply(_unit_last(qk), _unit_last(keys), _unit_last(v), plan)
