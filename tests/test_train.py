@@ -20,12 +20,11 @@ from safetensors.torch import load_file
 
 from reformer import ReformerLM
 from reformer.cli import main
-from reformer.data import COPY_SYMBOLS, IGNORE_INDEX, copy_task_batch, load_corpus
+from reformer.data import COPY_SYMBOLS, IGNORE_INDEX, contiguous_windows, copy_task_batch, load_corpus
 from reformer.train import (
     TrainConfig,
     TrainingError,
     checkpoint_dirs,
-    contiguous_windows,
     evaluate_run,
     learning_rate,
     train,

@@ -8,7 +8,7 @@ import os
 import shutil
 import sysconfig
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,27 @@ def random_windows(
             f"corpus has {len(data)} bytes, too few for windows of {length + 1}; lower --seq-len"
         )
     starts = torch.randint(0, len(data) - length - 1, (batch_size,), generator=generator).tolist()
+    return windows_at(data, starts, length)
+
+
+def contiguous_windows(
+    data: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Back-to-back windows over ``data`` (or its first ``max_tokens + 1`` bytes) so that every byte after
+    the first is predicted once: batches of up to ``batch_size`` windows of ``seq_len``, then the shorter
+    remainder on its own. Yields inputs and next-byte targets, both ``(n, length)`` int64."""
+    limit = len(data) - 1 if max_tokens is None else min(len(data) - 1, max_tokens)
+    full = limit // seq_len
+    for first in range(0, full, batch_size):
+        starts = range(first * seq_len, min(first + batch_size, full) * seq_len, seq_len)
+        yield windows_at(data, starts, seq_len)
+    if limit % seq_len:
+        yield windows_at(data, [full * seq_len], limit % seq_len)
+
+
+def windows_at(data: np.ndarray, starts: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of ``length + 1`` bytes at ``starts``: inputs and next-byte targets, both
+    ``(len(starts), length)`` int64."""
     windows = torch.from_numpy(
         np.stack([np.asarray(data[s : s + length + 1]) for s in starts]).astype(np.int64)
     )

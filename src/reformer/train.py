@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 
 from .config import ReformerConfig, dataclass_from_dict, default_axial_shape, read_json_object
 from .data import (
     IGNORE_INDEX,
     Corpus,
+    contiguous_windows,
     copy_task_batch,
     decode_bytes,
     encode_text,
@@ -202,40 +204,31 @@ class Distributed:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if world_size == 1:
             return cls(device=torch.device(device))
-        import torch.distributed as dist
-
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "cuda":
             torch.cuda.set_device(local_rank)
             dev = torch.device("cuda", local_rank)
         else:
             dev = torch.device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
+        if not torch_dist.is_initialized():
+            torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        return cls(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), device=dev)
 
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         """Sum (or max) of ``values`` over processes; one small collective."""
         if self.world_size == 1:
             return values
-        import torch.distributed as dist
-
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
         return tensor.tolist()
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+            torch_dist.barrier()
 
     def shutdown(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if self.world_size > 1 and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
 
 
 # ---- batches ---------------------------------------------------------------------------------------
@@ -301,33 +294,6 @@ def evaluate_batches(
     if task == "copy":
         return {"loss": loss, "accuracy": total_correct / max(total_count, 1)}
     return {"loss": loss, "bits_per_byte": loss / math.log(2)}
-
-
-def contiguous_windows(data, seq_len: int, batch_size: int, max_tokens: int | None):
-    """Non-overlapping windows over ``data`` so that every byte after the first is predicted once
-    (the last window may be shorter); yields ``(inputs, targets)`` ``(n, length)`` int64."""
-    import numpy as np
-
-    limit = len(data) - 1 if max_tokens is None else min(len(data) - 1, max_tokens)
-    starts = list(range(0, limit, seq_len))
-    for i in range(0, len(starts), batch_size):
-        group = starts[i : i + batch_size]
-        length = min(seq_len, limit - group[-1])
-        if len(group) > 1 and length < seq_len:  # keep the batch rectangular: short tail on its own
-            yield from contiguous_windows_tail(data, group, seq_len, limit)
-            return
-        windows = np.stack([np.asarray(data[s : s + length + 1]) for s in group]).astype(np.int64)
-        windows = torch.from_numpy(windows)
-        yield windows[:, :-1], windows[:, 1:]
-
-
-def contiguous_windows_tail(data, starts: list[int], seq_len: int, limit: int):
-    import numpy as np
-
-    for s in starts:
-        length = min(seq_len, limit - s)
-        window = torch.from_numpy(np.asarray(data[s : s + length + 1]).astype(np.int64))[None]
-        yield window[:, :-1], window[:, 1:]
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
@@ -521,7 +487,8 @@ def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> Trai
                 inputs, targets = inputs.to(dist.device), targets.to(dist.device)
                 sync = micro_step == cfg.grad_accum - 1 or dist.world_size == 1
                 with contextlib.nullcontext() if sync else net.no_sync(), autocast:
-                    loss = _loss(net, inputs, targets) / cfg.grad_accum
+                    # Through forward() (not model.loss), so that DDP's hooks see the step.
+                    loss = net(inputs, targets=targets) / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
             total = dist.all_reduce([total])[0] / dist.world_size
@@ -568,15 +535,9 @@ def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> Trai
     return TrainResult(state["step"], checkpoint, stop.signal, last_eval)
 
 
-def _loss(net, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return net(inputs, targets=targets)  # through forward(), so DDP's hooks see the step
-
-
 def _check_replicas(model: ReformerLM, dist: Distributed) -> None:
     """Fail loudly if DDP replicas drifted apart: they must stay bit-identical."""
     import hashlib
-
-    import torch.distributed as torch_dist
 
     digest = hashlib.sha256()
     for p in model.parameters():
