@@ -1,7 +1,8 @@
 """The ``reformer`` command line: ``reformer <command> [options]`` (also ``python -m reformer``).
 
-Each command is one ``add_<command>(subparsers)`` function that registers its parser, its options and
-the function that runs it (``handler(args, parser) -> exit code``); list it in ``COMMANDS``. Commands
+Each command is one ``add_<command>(subparsers)`` function that passes its name, help, options and the
+function that runs it (``handler(args, parser) -> exit code``) to :func:`register`; list it in
+``COMMANDS``. Commands
 import their heavy modules inside the handler or the ``add_`` function, so ``reformer --help`` stays cheap.
 """
 
@@ -14,35 +15,74 @@ from collections.abc import Callable, Sequence
 Handler = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
 
+def register(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    handler: Handler,
+) -> None:
+    """Add the ``name`` command: its parser (``description`` shown verbatim), options and handler."""
+    p = subparsers.add_parser(
+        name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    p.set_defaults(handler=handler, parser=p)
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer train``: train a language model (or the copy task); resumable, DDP under torchrun."""
+    from . import train
+
+    help = "train a Reformer LM on files, enwik8 or the default corpus (or the copy task)"
+    register(subparsers, "train", help, train.__doc__, train.add_train_arguments, train.run_train)
+
+
+def add_eval(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer eval``: held-out bits per byte (or copy-task accuracy) of a trained run."""
+    from . import train
+
+    help = "held-out bits per byte on the test split, or copy-task accuracy, of a run"
+    description = "Evaluate a run folder; the last line is bits_per_byte=X or accuracy=X."
+    register(subparsers, "eval", help, description, train.add_eval_arguments, train.run_eval)
+
+
+def add_generate(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer generate``: stream text sampled from a model folder, with the incremental cache."""
+    from . import generation
+
+    help = "sample text from a model or run folder, streamed to stdout (cached incremental decoding)"
+    description = (
+        "Byte-level generation: the prompt's UTF-8 bytes are the ids (plus --id-offset); the\n"
+        "continuation is streamed to stdout as it is produced, a summary line goes to stderr."
+    )
+    register(subparsers, "generate", help, description, generation.add_arguments, generation.run)
+
+
 def add_bench(subparsers: argparse._SubParsersAction) -> None:
     """``reformer bench``: time and peak memory of attention layers and models against length."""
     from . import bench
 
-    p = subparsers.add_parser(
-        "bench",
-        help="time and peak memory of LSH / local / full attention and of whole models, by length",
-        description=bench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench.add_arguments(p)
-    p.set_defaults(handler=bench.run, parser=p)
+    help = "time and peak memory of LSH / local / full attention and of whole models, by length"
+    register(subparsers, "bench", help, bench.__doc__, bench.add_arguments, bench.run)
 
 
 def add_convert(subparsers: argparse._SubParsersAction) -> None:
     """``reformer convert``: an HF transformers Reformer checkpoint folder to ours, or back."""
-    p = subparsers.add_parser(
-        "convert",
-        help="convert an HF Reformer checkpoint folder to a reformer one (or back with --to-hf)",
-        description=(
-            "Convert an HF transformers ReformerModelWithLMHead folder (config.json + model.safetensors or "
-            "pytorch_model.bin) into a reformer checkpoint folder (config.json + model.safetensors), or with "
-            "--to-hf a reformer folder into an HF one (needs transformers: the [hf] extra)."
-        ),
+    help = "convert an HF Reformer checkpoint folder to a reformer one (or back with --to-hf)"
+    description = (
+        "Convert an HF transformers ReformerModelWithLMHead folder (config.json + model.safetensors or\n"
+        "pytorch_model.bin) into a reformer checkpoint folder (config.json + model.safetensors), or with\n"
+        "--to-hf a reformer folder into an HF one (needs transformers: the [hf] extra)."
     )
+    register(subparsers, "convert", help, description, add_convert_arguments, run_convert)
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="the folder to read")
     p.add_argument("out", help="the folder to write (created if missing)")
     p.add_argument("--to-hf", action="store_true", help="read a reformer folder and write an HF one")
-    p.set_defaults(handler=run_convert, parser=p)
 
 
 def run_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -59,48 +99,7 @@ def run_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
-def add_train(subparsers: argparse._SubParsersAction) -> None:
-    """``reformer train``: train a language model (or the copy task); resumable, DDP under torchrun."""
-    from . import train
-
-    p = subparsers.add_parser(
-        "train",
-        help="train a Reformer LM on files, enwik8 or the default corpus (or the copy task)",
-        description=train.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_train_arguments(p)
-    p.set_defaults(handler=train.run_train, parser=p)
-
-
-def add_eval(subparsers: argparse._SubParsersAction) -> None:
-    """``reformer eval``: held-out bits per byte (or copy-task accuracy) of a trained run."""
-    from . import train
-
-    p = subparsers.add_parser(
-        "eval",
-        help="held-out bits per byte on the test split, or copy-task accuracy, of a run",
-        description="Evaluate a run folder; the last line is bits_per_byte=X or accuracy=X.",
-    )
-    train.add_eval_arguments(p)
-    p.set_defaults(handler=train.run_eval, parser=p)
-
-
-def add_generate(subparsers: argparse._SubParsersAction) -> None:
-    """``reformer generate``: stream text sampled from a model folder, with the incremental cache."""
-    from . import generation
-
-    p = subparsers.add_parser(
-        "generate",
-        help="sample text from a model or run folder, streamed to stdout (cached incremental decoding)",
-        description="Byte-level generation: the prompt's UTF-8 bytes are the ids (plus --id-offset); the "
-        "continuation is streamed to stdout as it is produced, a summary line goes to stderr.",
-    )
-    generation.add_arguments(p)
-    p.set_defaults(handler=generation.run, parser=p)
-
-
-# One entry per subcommand (train, eval, generate: add an ``add_<name>`` function here).
+# One entry per subcommand: an ``add_<name>`` function that calls :func:`register`.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_train,
     add_eval,
