@@ -696,37 +696,12 @@ def stream(
 
 @torch.no_grad()
 def generate(
-    model: ReformerLM,
-    input_ids: torch.Tensor,
-    max_new_tokens: int = 100,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    use_cache: bool = True,
-    n_hashes: int | None = None,
-    generator: torch.Generator | None = None,
-    attention_mask: torch.Tensor | None = None,
-    n_buckets: int | tuple[int, ...] | None = None,
-    hf_compatible: bool = False,
+    model: ReformerLM, input_ids: torch.Tensor, max_new_tokens: int = 100, **options
 ) -> torch.Tensor:
     """``input_ids`` ``(batch, length)`` followed by ``max_new_tokens`` sampled ids: ``(batch, length +
-    max_new_tokens)`` in ``input_ids``'s dtype. See :meth:`reformer.ReformerLM.generate`."""
-    new = list(
-        stream(
-            model,
-            input_ids,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            use_cache,
-            n_hashes,
-            generator,
-            attention_mask,
-            n_buckets,
-            hf_compatible,
-        )
-    )
+    max_new_tokens)`` in ``input_ids``'s dtype. ``options`` are :func:`stream`'s; see
+    :meth:`reformer.ReformerLM.generate`."""
+    new = list(stream(model, input_ids, max_new_tokens, **options))
     if not new:
         return input_ids.clone()
     return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)

@@ -225,8 +225,9 @@ class ReformerLM(nn.Module):
         from .generation import generate
 
         return generate(
-            self, input_ids, max_new_tokens, temperature, top_k, top_p, use_cache, n_hashes, generator,
-            attention_mask, n_buckets, hf_compatible,
+            self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            use_cache=use_cache, n_hashes=n_hashes, generator=generator, attention_mask=attention_mask,
+            n_buckets=n_buckets, hf_compatible=hf_compatible,
         )  # fmt: skip
 
     # ---- HF transformers interoperability ----------------------------------------------------------
