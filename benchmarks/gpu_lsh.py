@@ -67,6 +67,15 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def _record_failure(record: dict, err: Exception) -> None:
+    """Mark ``record`` as out of memory or as an error (with its message, and the traceback printed)."""
+    if _is_oom(err):
+        record.update(status="OOM")
+    else:
+        record.update(status="error", error=f"{type(err).__name__}: {str(err)[:300]}")
+        traceback.print_exc()
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -215,11 +224,7 @@ def run_attention(impl: str, lengths: list[int], cap_s: float, out: Path, dev: t
             record.update(peak_mib=peak / MIB, peak_above_inputs_mib=(peak - before) / MIB)
             last = (length, record["ms"] / 1e3)
         except Exception as err:  # noqa: BLE001 - every failure is a table cell
-            if _is_oom(err):
-                record.update(status="OOM")
-            else:
-                record.update(status="error", error=f"{type(err).__name__}: {str(err)[:300]}")
-                traceback.print_exc()
+            _record_failure(record, err)
             last = (length, float("inf"))
         del layer, x, g
         _free()
@@ -282,12 +287,8 @@ def run_lm(backend: str, lengths: list[int], cap_s: float, out: Path, dev: torch
                 float32_matmul_precision=torch.get_float32_matmul_precision(),
             )  # fmt: skip
             last = (length, record["ms"] / 1e3)
-        except Exception as err:  # noqa: BLE001
-            if _is_oom(err):
-                record.update(status="OOM")
-            else:
-                record.update(status="error", error=f"{type(err).__name__}: {str(err)[:300]}")
-                traceback.print_exc()
+        except Exception as err:  # noqa: BLE001 - every failure is a table cell
+            _record_failure(record, err)
             last = (length, float("inf"))
         del model, opt
         _free()
