@@ -9,7 +9,8 @@ chunk 128, 2 hashes), random weights, batch 1, float32, on the CPU threads torch
 ``--agreement`` instead measures how often cached and recomputed greedy decoding agree on small random
 models that mix local and LSH layers (see docs/generation.md).
 
-    .venv/bin/python benchmarks/generation.py --lengths 1024,4096,16384,65536 --recompute 1024,4096
+    .venv/bin/python benchmarks/generation.py --lengths 1024,4096,16384,65536 --recompute 1024,4096 \
+        --real-prefill-max 4096 --hf 1024,4096          # --hf needs transformers (the [bench] extra)
     .venv/bin/python benchmarks/generation.py --agreement
 """
 
@@ -125,6 +126,23 @@ def time_length(
     return row
 
 
+def hf_cached_ms(hf_model, length: int, steps: int) -> tuple[float, float]:
+    """HF transformers' own cached decoding (``past_buckets_states``) on the same weights: prefill
+    seconds and the median ms per new token."""
+    ids = torch.randint(2, 258, (1, length), generator=torch.Generator().manual_seed(length))
+    t0 = time.perf_counter()
+    out = hf_model(ids, use_cache=True)
+    prefill_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps + 1):  # the first is the warm-up
+        t0 = time.perf_counter()
+        out = hf_model(
+            out.logits[:, -1:].argmax(-1), past_buckets_states=out.past_buckets_states, use_cache=True
+        )
+        times.append(time.perf_counter() - t0)
+    return prefill_s, 1e3 * statistics.median(times[1:])
+
+
 def speed(args: argparse.Namespace) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     recompute = {int(x) for x in args.recompute.split(",")} if args.recompute else set()
@@ -138,10 +156,18 @@ def speed(args: argparse.Namespace) -> None:
           f"cached ms/token ({threads} thr) |{extra} speedup | cache MiB | RSS MiB |")  # fmt: skip
     print("|---" * (9 if args.decode_threads else 8) + "|", flush=True)
     rows = []
+    hf_lengths = {int(x) for x in args.hf.split(",")} if args.hf else set()
+    hf_model = model.to_hf().eval() if hf_lengths else None  # the same weights in HF transformers
+    for module in hf_model.modules() if hf_model is not None else ():
+        if hasattr(module, "chunk_size_feed_forward"):
+            # HF can only chunk lengths that are multiples of the chunk (our ff_chunk_size 4096): unchunked.
+            module.chunk_size_feed_forward = 0
     with torch.no_grad():
         for length in lengths:
             synthetic = length > args.real_prefill_max
             row = time_length(model, length, args.steps, length in recompute, synthetic, args.decode_threads)
+            if length in hf_lengths:
+                row["hf_prefill_s"], row["hf_cached_ms"] = hf_cached_ms(hf_model, length, args.steps)
             rows.append(row)
             pre = "-" if row["prefill_s"] is None else f"{row['prefill_s']:.1f}"
             rec = f"{row['recompute_ms']:.0f}" if "recompute_ms" in row else "-"
@@ -150,6 +176,15 @@ def speed(args: argparse.Namespace) -> None:
             print(
                 f"| {length} | {row['prefill']} | {pre} | {rec} | {row['cached_ms']:.1f} |{dec} {spd} | "
                 f"{row['cache_mib']:.0f} | {row['rss_mib']:.0f} |",
+                flush=True,
+            )
+    for row in rows:
+        if "hf_cached_ms" in row:
+            print(
+                f"HF transformers, same weights, prefix {row['length']}: "
+                f"prefill {row['hf_prefill_s']:.1f} s, "
+                f"cached {row['hf_cached_ms']:.1f} ms/token; ours {row['cached_ms']:.1f} ms/token "
+                f"({row['hf_cached_ms'] / row['cached_ms']:.1f}x faster)",
                 flush=True,
             )
     if args.json:
@@ -221,6 +256,9 @@ def main() -> None:
         "--decode-threads", type=int, default=None,
         help="also time the decode steps with this many torch threads (a shared machine: try 1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--hf", default="", help="lengths at which to time HF transformers' cached decoding (same weights)"
+    )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--agreement", action="store_true", help="measure cached vs recomputed agreement")
     parser.add_argument("--runs", type=int, default=5, help="prompts per agreement setting")
