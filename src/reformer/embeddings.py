@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -39,7 +40,9 @@ class AxialPositionEmbedding(nn.Module):
         for n, weight in zip(self.shape, self.weights, strict=True):
             stride //= n
             digit = torch.div(positions, stride, rounding_mode="floor") % n
-            parts.append(weight.reshape(n, -1)[digit])
+            # An embedding lookup, not weight[digit]: the backward of advanced indexing accumulates with
+            # index_put_, which is nondeterministic on CPU with several threads (digits repeat).
+            parts.append(F.embedding(digit, weight.reshape(n, -1)))
         return torch.cat(parts, dim=-1)
 
 
