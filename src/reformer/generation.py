@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -771,10 +772,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if 0 <= value < 256:
                 out.write(decoder.decode(bytes([value])))
                 out.flush()
+        out.write(decoder.decode(b"", final=True) + "\n")
+        out.flush()
     except ValueError as err:
         parser.error(str(err))
-    out.write(decoder.decode(b"", final=True) + "\n")
-    out.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head`): stop generating, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     elapsed = time.perf_counter() - start
     cache = f", cache {info['cache_bytes'] / 2**20:.1f} MiB" if "cache_bytes" in info else ""
     print(f"[{count} tokens in {elapsed:.2f} s, prompt {len(data)} tokens{cache}]", file=sys.stderr)
