@@ -4,16 +4,18 @@
 layer's inputs from its outputs (``x2 = y2 - FeedForward(y1)``, ``x1 = y1 - Attention(LayerNorm(x2))``),
 so only the last layer's output is kept and activation memory does not grow with depth. Dropout masks
 are replayed by restoring the default generators' state, hash buckets through the attention's
-``replay`` record.
+``replay`` record, and the autocast state of the forward pass is re-entered (``loss.backward()`` usually
+runs outside ``torch.autocast``; rebuilding a bfloat16 layer in float32 would subtract the wrong output).
 """
 
 from __future__ import annotations
 
 import ctypes
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .feedforward import FeedForward
 
@@ -86,6 +88,30 @@ class _RngState:
             yield
 
 
+class _AutocastState:
+    """The autocast settings of the CPU and of the CUDA device at forward time (as torch.utils.checkpoint
+    records them), to be re-entered for the recomputation."""
+
+    def __init__(self) -> None:
+        cache = torch.is_autocast_cache_enabled()
+        self.kwargs = {
+            device: {
+                "enabled": torch.is_autocast_enabled(device),
+                "dtype": torch.get_autocast_dtype(device),
+                "cache_enabled": cache,
+            }
+            for device in ("cpu", "cuda")
+            if torch.amp.is_autocast_available(device)
+        }
+
+    @contextmanager
+    def entered(self):
+        with ExitStack() as stack:
+            for device, kwargs in self.kwargs.items():
+                stack.enter_context(torch.autocast(device, **kwargs))
+            yield
+
+
 class _SortIndexStore:
     """One int32 buffer for the sort indices of every layer, allocated at the first LSH layer.
 
@@ -137,11 +163,13 @@ class _ReversibleFunction(torch.autograd.Function):
                 replays.append(replay)
                 rng_states.append((rng_f, rng_g))
         ctx.blocks, ctx.replays, ctx.rng_states = blocks, replays, rng_states
+        ctx.autocast = _AutocastState()
         ctx.attention_mask, ctx.n_hashes = attention_mask, n_hashes
         ctx.save_for_backward(x1, x2)
         return x1, x2
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y1, grad_y2):
         params = [p for block in ctx.blocks for p in block.parameters()]
         # Everything long-lived is allocated up front and updated in place: the activations and their
@@ -159,7 +187,7 @@ class _ReversibleFunction(torch.autograd.Function):
         for layers_done, (block, replay, (rng_f, rng_g)) in enumerate(layers, start=1):
             # x2 = y2 - g(y1); the gradient of y1 picks up the feed-forward's contribution.
             ff_params = [p for p in block.feed_forward.parameters() if p.requires_grad]
-            with _maybe_restored(rng_g):
+            with _maybe_restored(rng_g), ctx.autocast.entered():
                 g_out, grad_from_g = block.feed_forward.vjp_in_chunks(
                     y1, grad_y2, [grads[p] for p in ff_params]
                 )
@@ -169,7 +197,7 @@ class _ReversibleFunction(torch.autograd.Function):
             # x1 = y1 - f(x2); f replays the forward's buckets through its replay record.
             x2_leaf = y2.detach().requires_grad_(True)
             attn_params = block.attention_params()
-            with torch.enable_grad(), _maybe_restored(rng_f):
+            with torch.enable_grad(), _maybe_restored(rng_f), ctx.autocast.entered():
                 f_out = block.attend(x2_leaf, ctx.attention_mask, ctx.n_hashes, replay)
             grad_x2_from_f, *attn_grads = torch.autograd.grad(f_out, [x2_leaf, *attn_params], grad_y1)
             for p, g in zip(attn_params, attn_grads, strict=True):
