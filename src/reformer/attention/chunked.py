@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # The trax/HF mask constants (REFERENCE.md step 7). Scores are kept in float32 (float64 for float64
 # inputs) whatever the input dtype, so the float32 constants serve every dtype, float16 included.
@@ -21,6 +22,9 @@ SELF_MASK_VALUE = -1e5
 # Scores are kept in base 2 (scaled by log2(e)): exp2 is fast everywhere, while exp slows down ~10x on
 # CPU for arguments below -87, which masked entries always are.
 LOG2E = 1.4426950408889634
+# A query whose every key is masked has a log-sum-exp near MASK_VALUE * LOG2E (real scores never come
+# within orders of magnitude of it): such a query gets a zero output and passes no gradient.
+EMPTY_LSE = MASK_VALUE * LOG2E / 2
 # Scores held at once: (chunks in a block) x chunk x keys. 2**20 float32 values is 4 MiB: smaller
 # blocks stay in cache (measured faster than 16 MiB) and keep the temporaries small.
 BLOCK_SCORES = 2**20
@@ -205,13 +209,18 @@ class _ChunkedAttention(torch.autograd.Function):
             acc.index_copy_(0, flat_rows, acc[flat_rows] * old_scale[:, None] + out * new_scale[:, None])
             run_sum.index_copy_(0, flat_rows, run_sum[flat_rows] * old_scale + new_scale)
             run_max.index_copy_(0, flat_rows, new_max)
-        out = (acc / run_sum[:, None]).to(v.dtype)
         total_lse = run_max + run_sum.log2()  # base 2
+        # Queries with no allowed key: zero output, and an infinite LSE makes their backward
+        # probabilities exactly zero, consistent with an output that does not depend on q, k or v.
+        empty = total_lse < EMPTY_LSE
+        out = (acc / run_sum[:, None]).masked_fill_(empty[:, None], 0.0).to(v.dtype)
+        total_lse.masked_fill_(empty, float("inf"))
         ctx.save_for_backward(q, k, v, out, total_lse)
         ctx.plan, ctx.dropout_p, ctx.seed = plan, dropout_p, seed
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, total_lse = ctx.saved_tensors
         plan, dropout_p = ctx.plan, ctx.dropout_p
@@ -271,7 +280,8 @@ def chunked_attention(
         dropout_p: attention-probability dropout; needs ``seed`` so the backward replays the masks.
 
     Returns:
-        ``(slices * length, dim_v)`` in ``v``'s dtype.
+        ``(slices * length, dim_v)`` in ``v``'s dtype; zeros for a query whose every key is masked
+        (and no gradient through it). The backward pass is not differentiable again.
     """
     if dropout_p > 0.0 and seed is None:
         raise ValueError("attention dropout needs a seed so that the backward pass can replay its masks")

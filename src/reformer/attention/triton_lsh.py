@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..hashing import bucket_factors, total_buckets
 from .chunked import LOG2E, MASK_VALUE, SELF_MASK_VALUE, chunk_neighbours
@@ -545,6 +546,7 @@ class _TritonLSHAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
