@@ -42,6 +42,11 @@ def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
     return FullSelfAttention(cfg.d_model, cfg.n_heads, **common)
 
 
+def _real_first_order(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, length)`` int64 permutation per row listing its real positions first, each group in order."""
+    return torch.sort((~attention_mask).to(torch.uint8), dim=1, stable=True).indices
+
+
 class ReformerLM(nn.Module):
     """A Reformer language model.
 
@@ -139,11 +144,28 @@ class ReformerLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         n_hashes: int | None = None,
     ) -> torch.Tensor:
-        """Final normalised hidden states ``(batch, length, 2 * d_model)``."""
+        """Final normalised hidden states ``(batch, length, 2 * d_model)``.
+
+        With ``attention_mask`` each row's real tokens are moved to the front (in order) before the
+        layers and their outputs moved back after, so a real token's output depends on its own row's real
+        tokens only, wherever the padding is (left, right or holes): positions, local-attention chunks
+        and LSH buckets are those of the row alone. Outputs at padding positions are unspecified.
+        """
         self._check_inputs(input_ids, attention_mask)
+        order = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)
+            order = _real_first_order(attention_mask != 0)
+            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
         x = self.embeddings(input_ids.long())
         y1, y2 = self.layers(x, x, attention_mask, n_hashes)
-        return self.final_norm(torch.cat([y1, y2], dim=-1))
+        hidden = self.final_norm(torch.cat([y1, y2], dim=-1))
+        if order is None:
+            return hidden
+        back = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        return hidden.gather(1, back[..., None].expand_as(hidden))
 
     def forward(
         self,

@@ -101,12 +101,14 @@ def lsh_attention(
     Args:
         qk: ``(batch, heads, length, head_dim)`` shared queries/keys (keys are normalised here).
         v: ``(batch, heads, length, head_dim_v)`` values.
-        n_buckets: an even integer or even factors; None picks about two buckets per chunk.
+        n_buckets: an even integer or even factors; None picks about two buckets per chunk of each
+            row's own real length (without ``attention_mask``: of ``length``), so padding does not change
+            a row's buckets; rows of different counts are hashed group by group.
         attention_mask: ``(batch, length)``, nonzero/True for real tokens, zero/False for padding.
         dropout_p: dropout on the attention probabilities; ``dropout_seed`` makes it replayable.
         rotations: explicit hash rotations ``(heads, head_dim, n_hashes, sum(factors) // 2)``.
         hash_seed: draw the rotations from this seed (ignored when ``rotations`` is given); without
-            either they are drawn from the default generator.
+            either the seed is drawn once from the default generator.
         sort_indices: ``(batch, heads, n_hashes, padded_length)`` from an earlier call, to replay it.
         return_sort_indices: also return the sort indices used (None for the exact short path).
         backend: ``"torch"`` (default), ``"triton"`` (fused kernels,
@@ -130,6 +132,7 @@ def lsh_attention(
             backend = "torch"
     batch, heads, length, head_dim = qk.shape
     keys = normalize_keys(qk)
+    user_valid = key_valid
 
     if length <= bucket_size:  # one chunk holds everything: exact attention, as trax and HF do
         plan = _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask=True, device=qk.device)
@@ -141,16 +144,16 @@ def lsh_attention(
     chunks = padded // bucket_size
     qk_p, keys_p, v_p, key_valid = pad_to_multiple(padded, qk, keys, v, key_valid=key_valid)
     if sort_indices is None:
-        n_buckets = n_buckets if n_buckets is not None else auto_n_buckets(padded, bucket_size)
-        sort_indices = lsh_sort_indices(
-            qk_p,
-            n_hashes=n_hashes,
-            n_buckets=n_buckets,
-            key_padding_mask=key_valid,
-            rotations=rotations,
-            seed=hash_seed,
-            fused=backend == "triton",
-        )
+        if rotations is None and hash_seed is None:
+            hash_seed = draw_call_seed()  # one draw per call, whatever the rows' bucket counts
+        hash_kw = dict(n_hashes=n_hashes, rotations=rotations, seed=hash_seed, fused=backend == "triton")
+        if n_buckets is None and rotations is None and user_valid is not None:
+            sort_indices = _sort_indices_by_own_length(
+                qk_p, key_valid, user_valid.sum(-1), bucket_size, hash_kw
+            )
+        else:
+            n_buckets = n_buckets if n_buckets is not None else auto_n_buckets(padded, bucket_size)
+            sort_indices = lsh_sort_indices(qk_p, n_buckets=n_buckets, key_padding_mask=key_valid, **hash_kw)
     elif sort_indices.shape != (batch, heads, n_hashes, padded):
         raise ValueError(
             f"sort_indices has shape {tuple(sort_indices.shape)}, expected "
@@ -179,6 +182,33 @@ def lsh_attention(
         ).view(batch, heads, padded, v.shape[-1])
     out = out[:, :, :length]
     return (out, sort_indices) if return_sort_indices else out
+
+
+def own_n_buckets(real_length: int, bucket_size: int) -> int | tuple[int, int]:
+    """The automatic bucket count of a row with ``real_length`` real tokens: the count it gets alone."""
+    return auto_n_buckets(-(-max(real_length, 1) // bucket_size) * bucket_size, bucket_size)
+
+
+def _sort_indices_by_own_length(qk_p, key_valid, real_lengths, bucket_size, hash_kw) -> torch.Tensor:
+    """Sort indices ``(batch, heads, n_hashes, padded)`` with each row hashed into the bucket count of its
+    own real length (:func:`own_n_buckets`), so padding never changes a row's buckets.
+
+    Rows are grouped by count and each group is hashed with that count's rotations (one hashing call
+    per distinct count, and a device-to-host copy of the lengths).
+    """
+    counts = [own_n_buckets(n, bucket_size) for n in real_lengths.tolist()]
+    groups: dict = {}
+    for row, count in enumerate(counts):
+        groups.setdefault(count, []).append(row)
+    if len(groups) == 1:
+        return lsh_sort_indices(qk_p, n_buckets=counts[0], key_padding_mask=key_valid, **hash_kw)
+    batch, heads, padded, _ = qk_p.shape
+    out = torch.empty(batch, heads, hash_kw["n_hashes"], padded, dtype=torch.long, device=qk_p.device)
+    for count, rows in groups.items():
+        rows = torch.tensor(rows, device=qk_p.device)
+        group = lsh_sort_indices(qk_p[rows], n_buckets=count, key_padding_mask=key_valid[rows], **hash_kw)
+        out[rows] = group.to(out.dtype)
+    return out
 
 
 def _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask, device) -> ChunkPlan:
