@@ -63,7 +63,7 @@ def test_lsh_attention_gradcheck_over_all_outputs_with_left_padding_and_holes(ca
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_full_attention_gradcheck_over_all_outputs_with_padding(causal):
-    q, k, v = (t.requires_grad_(True) for t in _qkv(13))
+    q, k, v = (t.requires_grad_(True) for t in _qkv(13, heads=1, dim=2))
     mask = _masks(13)
 
     def fn(q, k, v):
