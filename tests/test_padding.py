@@ -4,7 +4,7 @@ rows of different lengths batched with right padding, left padding or holes equa
 import pytest
 import torch
 
-from reformer import ReformerConfig, ReformerLM
+from reformer import ReformerConfig, ReformerLM, lsh_attention
 
 # Alone, these rows get 1, 4, 10 and 13 LSH chunks of 8 (2, 8, 20 and 26 buckets; the shortest takes
 # the exact one-chunk path) and 1, 2, 5 and 7 local chunks of 16.
@@ -75,3 +75,19 @@ def test_each_row_equals_the_row_alone_in_training_with_the_same_seed(layout):
         (model.loss(row[None], targets[i][mask[i]][None]) * len(row)).backward()  # accumulates
     for name, p in model.named_parameters():
         torch.testing.assert_close(batch_grads[name], p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_attention_rows_equal_rows_alone_with_default_buckets_and_fresh_rotations(causal):
+    """The functional core: each row hashed into its own length's bucket count, rotations drawn from
+    one seed per call (``torch.manual_seed`` before each call gives a row alone the same ones)."""
+    g = torch.Generator().manual_seed(0)
+    qk, v = (torch.randn(len(LENGTHS), 2, max(LENGTHS), 8, generator=g) for _ in range(2))
+    mask = torch.arange(max(LENGTHS))[None] < torch.tensor(LENGTHS)[:, None]
+    kw = dict(bucket_size=8, n_hashes=2, causal=causal)
+    torch.manual_seed(3)
+    out = lsh_attention(qk, v, attention_mask=mask, **kw)
+    for i, n in enumerate(LENGTHS):
+        torch.manual_seed(3)
+        alone = lsh_attention(qk[i : i + 1, :, :n], v[i : i + 1, :, :n], **kw)
+        torch.testing.assert_close(out[i : i + 1, :, :n], alone, atol=1e-5, rtol=0)
