@@ -59,7 +59,8 @@ def test_reversible_autocast_gradients_are_as_accurate_as_ordinary_residuals(dty
     rev, plain = _models(seed)
     ids = torch.randint(0, 64, (2, 100))  # several local chunks and LSH chunks
     reference = _grads(plain, ids, None)
-    assert all(g.abs().sum() > 0 for g in reference.values())  # every parameter reaches the loss
+    silent = [n for n, g in reference.items() if not g.any()]
+    assert not silent, f"parameters that do not reach the loss in float32: {silent}"
     assert torch.allclose(
         torch.cat([g.flatten() for g in _grads(rev, ids, None).values()]),
         torch.cat([g.flatten() for g in reference.values()]),
