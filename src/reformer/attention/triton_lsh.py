@@ -36,8 +36,8 @@ PyTorch path: sequences up to one chunk (exact
 attention), attention dropout (its masks come from ``torch.rand``), and float64.
 
 Triton is optional: this module imports without it; :func:`is_available` says whether the kernels can
-run and :func:`triton_lsh_attention` raises a clear error otherwise. On CPU tensors the kernels run only
-under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
+run and ``lsh_attention(..., backend="triton")`` raises a clear error otherwise. On CPU tensors the
+kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
 """
 
 from __future__ import annotations
@@ -571,20 +571,6 @@ class _TritonLSHAttention(torch.autograd.Function):
                 **meta,
             )  # fmt: skip
         return dq, dk, dv, None
-
-
-def triton_lsh_attention(qk: torch.Tensor, v: torch.Tensor, **kwargs):
-    """:func:`reformer.lsh_attention` with ``backend="triton"``: same arguments, same results.
-
-    ``qk`` ``(batch, heads, length, head_dim)``, ``v`` ``(batch, heads, length, head_dim_v)`` (float32,
-    bfloat16 or float16) -> ``(batch, heads, length, head_dim_v)`` in ``v``'s dtype. The outputs of padding
-    positions that fall in chunks made only of padding are zero here (the PyTorch path computes values
-    there that nothing should use). Sequences up to ``bucket_size``, attention dropout and float64 run on
-    the PyTorch path.
-    """
-    from .lsh import lsh_attention
-
-    return lsh_attention(qk, v, backend="triton", **kwargs)
 
 
 def fused_lsh_core(

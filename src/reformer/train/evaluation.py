@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..attention import LSHSelfAttention
 from ..config import read_json_object
 from ..data import IGNORE_INDEX, contiguous_windows, copy_task_batch, decode_bytes, encode_text, load_corpus
 from ..model import ReformerLM
@@ -90,8 +91,6 @@ def evaluate_run(
 
 def _use_full_attention(model: ReformerLM) -> None:
     """Exact shared-QK attention in the LSH layers: one chunk covers the whole input."""
-    from ..attention import LSHSelfAttention
-
     for module in model.modules():
         if isinstance(module, LSHSelfAttention):
             module.bucket_size = model.config.max_seq_len
