@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from reformer.cli import main
 from reformer.data import COPY_SYMBOLS, IGNORE_INDEX, contiguous_windows, copy_task_batch, load_corpus
 from reformer.train import (
     PRESETS,
+    Batches,
     TrainConfig,
     TrainingError,
     checkpoint_dirs,
@@ -341,9 +343,39 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, corpus_file):
     torch.manual_seed(0)  # the run's seed: the weights it started from
     init = ReformerLM(small_config(corpus_file, model=model).model_config()).state_dict()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6)
     moved = max(float((one[n] - init[n]).abs().max()) for n in one)
     assert moved > 1e-3  # the steps did train
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(
+    tmp_path, corpus_file, monkeypatch
+):
+    # The n-th row drawn ignores (n % 4) quarters of its targets, so the micro-batches of an accumulated
+    # step hold different numbers of target tokens: the step must still be the full batch's mean over all
+    # of its target tokens, not the mean of the micro-batches' means.
+    draw, drawn = Batches.draw, itertools.count()
+
+    def uneven(self, size, generator, split="train"):
+        inputs, targets = draw(self, size, generator, split)
+        targets = targets.clone()  # a view of the same windows as the inputs
+        for row in range(size):
+            targets[row, : next(drawn) % 4 * targets.shape[1] // 4] = IGNORE_INDEX
+        return inputs, targets
+
+    monkeypatch.setattr(Batches, "draw", uneven)
+    model = {**SMALL_MODEL, "hash_seed": 3}
+    runs = {}
+    for accum in (1, 2, 4):
+        train(small_config(corpus_file, model=model, steps=3, grad_accum=accum), tmp_path / str(accum))
+        runs[accum] = load_file(tmp_path / str(accum) / "model.safetensors")
+    for accum in (2, 4):
+        for name in runs[1]:
+            torch.testing.assert_close(runs[accum][name], runs[1][name], rtol=0, atol=1e-6)
+    logged = [json.loads(line) for line in (tmp_path / "4" / "metrics.jsonl").read_text().splitlines()]
+    logged_full = [json.loads(line) for line in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()]
+    train_loss = lambda records: [r["loss"] for r in records if r["split"] == "train"]
+    assert train_loss(logged) == pytest.approx(train_loss(logged_full), rel=1e-5)
 
 
 def test_bf16_autocast_trains(tmp_path, corpus_file):

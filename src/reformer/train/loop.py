@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..data import load_corpus
+from ..data import IGNORE_INDEX, load_corpus
 from ..files import atomic_write_text
 from ..model import ReformerLM
 from .batches import Batches
@@ -48,6 +48,34 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def accumulate_gradients(
+    net: torch.nn.Module,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    dist: Distributed,
+    autocast: contextlib.AbstractContextManager,
+) -> float:
+    """Backward passes over this process's ``micro_batches`` (``(inputs, targets)`` pairs ``(micro,
+    length)``) whose summed gradient is that of the step's whole batch, over all processes: the mean
+    cross-entropy over every target token of the step. Returns that loss (the same on every process).
+
+    Each micro-batch's mean is weighted by its share of the step's target tokens (``IGNORE_INDEX`` ones
+    do not count), so micro-batches and processes that ignore different numbers of tokens still add up
+    to the full batch; DDP averages gradients over processes, hence the factor ``world_size``.
+    """
+    counts = [int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches]
+    step_count = max(dist.all_reduce([float(sum(counts))])[0], 1.0)
+    total = 0.0
+    for i, ((inputs, targets), count) in enumerate(zip(micro_batches, counts, strict=True)):
+        inputs, targets = inputs.to(dist.device), targets.to(dist.device)
+        sync = i == len(micro_batches) - 1 or dist.world_size == 1
+        with contextlib.nullcontext() if sync else net.no_sync(), autocast:
+            # Through forward() (not model.loss), so that DDP's hooks see the step.
+            loss = net(inputs, targets=targets) * (count * dist.world_size / step_count)
+        loss.backward()
+        total += float(loss.detach()) / dist.world_size
+    return dist.all_reduce([total])[0]
 
 
 @dataclass
@@ -139,17 +167,11 @@ def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> Trai
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            total = 0.0
-            for micro_step in range(cfg.grad_accum):
-                inputs, targets = batches.next(micro * dist.world_size, dist.rank, dist.world_size)
-                inputs, targets = inputs.to(dist.device), targets.to(dist.device)
-                sync = micro_step == cfg.grad_accum - 1 or dist.world_size == 1
-                with contextlib.nullcontext() if sync else net.no_sync(), autocast:
-                    # Through forward() (not model.loss), so that DDP's hooks see the step.
-                    loss = net(inputs, targets=targets) / cfg.grad_accum
-                loss.backward()
-                total += float(loss.detach())
-            total = dist.all_reduce([total])[0] / dist.world_size
+            micro_batches = [
+                batches.next(micro * dist.world_size, dist.rank, dist.world_size)
+                for _ in range(cfg.grad_accum)
+            ]
+            total = accumulate_gradients(net, micro_batches, dist, autocast)
             if not math.isfinite(total):
                 where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
                 raise TrainingError(
