@@ -248,6 +248,28 @@ def test_resume_only_changes_run_control_flags(tmp_path, corpus_file, capsys):
     assert "drop --d-model" in capsys.readouterr().err
 
 
+def test_resume_accepts_the_original_command_line_and_names_each_conflict(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    first = ["train", "--data", str(corpus_file), "--out", str(run), "--preset", "tiny", "--lr", "0.003"]
+    first += SMALL_FLAGS
+    assert main([*first, "--steps", "2"]) == 0
+    # The original command line (--preset and --data included) with --resume and a later --steps.
+    assert main([*first, "--resume", "--steps", "4"]) == 0
+    assert json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())["step"] == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*first, "--resume", "--steps", "6", "--lr", "0.5", "--d-model", "64", "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert "--lr 0.5 differs from the resumed run's 0.003" in err
+    assert "--d-model 64 differs from the resumed run's 32" in err
+    assert "--batch-size 4 differs" not in err  # equal to the saved value
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(run), "--resume", "--preset", "copy"])
+    err = capsys.readouterr().err
+    assert "--preset copy" in err and "'copy'" in err and "'lm'" in err  # its task, as one of the conflicts
+    assert json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())["step"] == 4
+
+
 def test_eval_command_prints_bits_per_byte_last(tmp_path, corpus_file, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(corpus_file), "--out", str(run), "--steps", "3", *SMALL_FLAGS]) == 0

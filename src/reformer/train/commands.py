@@ -107,26 +107,50 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def resumed_config(args: argparse.Namespace, run: Path) -> TrainConfig:
-    """The saved run's settings, with only the run-control flags allowed to change."""
+    """The saved run's settings with the run-control flags (``RESUMABLE_OVERRIDES``) applied.
+
+    Other flags, ``--preset`` and ``--data`` included, may repeat the command line that started the run:
+    each must agree with the saved run, and every one that does not is named with both values.
+    """
     saved = TrainConfig.from_dict(read_json_object(run / TRAIN_CONFIG_FILE, "the run folder is damaged"))
-    changes = {}
-    for f in fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is None or f.name in ("model", "data"):
+    stored, described = saved.to_dict(), config_from_args(args).to_dict()
+    # (flag, setting, whether it is a model setting): the flags given, then what --preset sets.
+    checks = [(f.name, f.name, False) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None]
+    checks += [(n, n, True) for n in (*MODEL_FLAGS, "attn_layers") if getattr(args, n, None) is not None]
+    if args.preset:
+        checks += [("preset", n, False) for n in PRESETS[args.preset] if n != "model"]
+        checks += [("preset", n, True) for n in sorted({*stored["model"], *described["model"]})]
+    changes, conflicts, checked = {}, [], set()
+    for flag, name, in_model in checks:
+        if (name, in_model) in checked:
             continue
-        if f.name in RESUMABLE_OVERRIDES:
-            changes[f.name] = value
-        elif value != getattr(saved, f.name):
-            raise ValueError(
-                f"--{f.name.replace('_', '-')} {value} differs from the resumed run's "
-                f"{getattr(saved, f.name)}; a resumed run may only change "
-                + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE_OVERRIDES)
+        checked.add((name, in_model))
+        if not in_model and name in RESUMABLE_OVERRIDES:
+            if flag == name:  # a preset's run-control values do not move a resumed run; flags do
+                changes[name] = described[name]
+            continue
+        value = (described["model"] if in_model else described).get(name)
+        saved_value = (stored["model"] if in_model else stored).get(name)
+        if value != saved_value:
+            who = (
+                f"--preset {args.preset} sets {name} {value!r},"
+                if flag == "preset"
+                else f"{_flag(flag)} {value}"
             )
-    fixed = MODEL_FLAGS + ("attn_layers", "preset", "task")
-    flags = ["--" + n.replace("_", "-") for n in fixed if getattr(args, n, None) is not None]
-    if args.data or flags:
-        raise ValueError(f"--resume keeps the run's model and data; drop {', '.join(flags or ['--data'])}")
+            conflicts.append((flag, f"{who} differs from the resumed run's {saved_value!r}"))
+    if conflicts:
+        drop = ", ".join(dict.fromkeys(_flag(flag) for flag, _ in conflicts))
+        raise ValueError(
+            "; ".join(text for _, text in conflicts)
+            + ". A resumed run keeps its settings and may only change "
+            + ", ".join(_flag(n) for n in RESUMABLE_OVERRIDES)
+            + f": drop {drop} or give the saved values"
+        )
     return replace(saved, **changes)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
