@@ -15,17 +15,17 @@ Sections (``--what``):
 * ``depth``: ``ours`` LM at 2 and 12 layers at 16K; thanks to reversible layers the 12-layer peak
   should be at most 1.25x the 2-layer peak.
 
-Protocol: every (section, implementation, length, layers) configuration runs in a fresh Python
-subprocess, so its peak memory is its own. The worker builds the module and inputs (train mode,
-all dropout 0, torch's default thread count unless ``--threads``), reads the baseline RSS, resets
-the kernel's VmHWM, runs one warm-up step and then ``--repeats`` timed steps of forward+backward
-(gradients cleared between steps). Time is the median of the timed steps. Peak memory is MiB above
-the baseline: the larger of a 5 ms RSS sampler over the timed steps and VmHWM - baseline. A
-configuration that exceeds ``--timeout`` seconds, runs out of memory (the worker's address space is
-capped at ``--mem-limit-gib``) or crashes is recorded as such and the sweep goes on; an
-implementation that cannot be imported is recorded as ``unavailable``. RSS counts freed memory that
-glibc keeps cached in its heap; ``--malloc mmap`` sets ``MALLOC_MMAP_THRESHOLD_`` in the workers so
-RSS follows live tensor memory instead (steps get slower, so read its times with care).
+Protocol (``reformer.bench.protocol``, the one ``reformer bench`` follows): every (section,
+implementation, length, layers) configuration runs in a fresh Python subprocess, so its peak memory is
+its own. The worker builds the module and inputs (train mode, all dropout 0, torch's default thread
+count unless ``--threads``), reads the baseline RSS, resets the kernel's VmHWM, runs one warm-up step
+and then ``--repeats`` timed steps of forward+backward (gradients cleared between steps). Time is the
+median of the timed steps. Peak memory is MiB above the baseline: the larger of a 5 ms RSS sampler over
+the timed steps and VmHWM - baseline. A configuration that exceeds ``--timeout`` seconds, runs out of
+memory (the worker's address space is capped at ``--mem-limit-gib``) or crashes is recorded as such and
+the sweep goes on; an implementation that cannot be imported is recorded as ``unavailable``. RSS counts
+freed memory that glibc keeps cached in its heap; ``--malloc mmap`` sets ``MALLOC_MMAP_THRESHOLD_`` in
+the workers so RSS follows live tensor memory instead (steps get slower, so read its times with care).
 
 Peer settings chosen for comparability: HF's ``num_buckets`` is fixed to what HF itself would pick
 automatically (2 * L / 64 rounded to a power of two, factorised into two factors above its limit),
@@ -47,8 +47,6 @@ import json
 import math
 import os
 import platform
-import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -57,10 +55,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import _measure
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from reformer.bench import mem_total_bytes
+from reformer.bench.protocol import emit_result, is_oom, limit_memory, measure, run_worker
 
 D_MODEL = 256
 N_HEADS = 4
@@ -373,18 +373,11 @@ REGISTRY: dict[str, dict[str, Builder]] = {
 # ---- worker (one configuration, in its own process) ---------------------------------------------
 
 
-def _is_oom(err: BaseException) -> bool:
-    text = str(err).lower()
-    return isinstance(err, MemoryError) or "can't allocate memory" in text or "out of memory" in text
-
-
-def run_worker(spec: Spec, repeats: int, threads: int, mem_limit_gib: float) -> dict[str, Any]:
+def measure_spec(spec: Spec, repeats: int, threads: int, mem_limit_gib: float) -> dict[str, Any]:
     """Build and measure one configuration; returns its row (never raises for benchmark failures)."""
     if threads > 0:
         torch.set_num_threads(threads)
-    if mem_limit_gib > 0:
-        limit = int(mem_limit_gib * 1024**3)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    limit_memory(mem_limit_gib)
     torch.manual_seed(0)
     row: dict[str, Any] = {**asdict(spec), "threads": torch.get_num_threads(), "repeats": repeats}
     row["loadavg_1m"] = os.getloadavg()[0]  # other work on the machine skews the timings
@@ -396,7 +389,7 @@ def run_worker(spec: Spec, repeats: int, threads: int, mem_limit_gib: float) -> 
     except UnsupportedLength as err:
         return {**row, "status": "unsupported", "error": str(err)}
     except Exception as err:
-        status = "oom" if _is_oom(err) else "build-error"
+        status = "oom" if is_oom(err) else "build-error"
         return {**row, "status": status, "error": f"{type(err).__name__}: {err}"}
     row["notes"] = case.notes
 
@@ -406,18 +399,14 @@ def run_worker(spec: Spec, repeats: int, threads: int, mem_limit_gib: float) -> 
         case.loss().backward()
 
     try:
-        result = _measure.measure(step, repeats)
+        result = measure(step, repeats, "cpu")
     except Exception as err:
-        status = "oom" if _is_oom(err) else "error"
+        status = "oom" if is_oom(err) else "error"
         return {**row, "status": status, "error": f"{type(err).__name__}: {err}"}
-    return {**row, "status": "ok", **result.to_dict()}
+    return {**row, "status": "ok", **result}
 
 
 # ---- parent (sweep, tables) ---------------------------------------------------------------------
-
-
-def _tail(text: str, lines: int = 4) -> str:
-    return " | ".join(line for line in text.strip().splitlines()[-lines:])
 
 
 def run_config(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
@@ -440,22 +429,7 @@ def run_config(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         # Every allocation of 64 KiB or more gets its own mapping, returned to the OS when freed, so
         # RSS follows live tensor memory instead of what glibc's heap keeps cached (slower steps).
         env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**row, "status": "timeout", "error": f"over {args.timeout:g} s", "wall_s": args.timeout}
-    wall_s = time.perf_counter() - start
-    for line in reversed(proc.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            result = json.loads(line)
-            if result["status"] not in ("ok", "unavailable", "unsupported"):
-                result["stderr_tail"] = _tail(proc.stderr)
-            return {**result, "malloc": args.malloc, "wall_s": wall_s}
-    # No result line: the process died (SIGKILL is most likely the kernel's OOM killer).
-    status = "oom-killed" if proc.returncode == -9 else "crashed"
-    error = f"exit code {proc.returncode}: {_tail(proc.stderr)}"
-    return {**row, "status": status, "error": error, "wall_s": wall_s}
+    return {**row, **run_worker(cmd, args.timeout, env)}
 
 
 def _ok(row: dict[str, Any] | None) -> bool:
@@ -473,7 +447,7 @@ def _find(rows: Iterable[dict[str, Any]], **match: Any) -> dict[str, Any] | None
 
 
 def _time_cell(row: dict[str, Any]) -> str:
-    return f"{row['time_s']:.3f}" if _ok(row) else row["status"]
+    return f"{row['ms'] / 1e3:.3f}" if _ok(row) else row["status"]
 
 
 def _mem_cell(row: dict[str, Any]) -> str:
@@ -507,12 +481,12 @@ def table_rows(section: str, rows: list[dict[str, Any]]) -> tuple[list[str], lis
             hf = _find(mine, impl="hf", **same)
             is_ours = r["impl"] == "ours"
             line += [
-                _ratio(r, hf, "time_s") if is_ours else "-",
+                _ratio(r, hf, "ms") if is_ours else "-",
                 _ratio(r, hf, "peak_mib") if is_ours else "-",
             ]
             if section == "attention":
                 sdpa = _find(mine, impl="sdpa", **same)
-                line.append(_ratio(r, sdpa, "time_s") if is_ours else "-")
+                line.append(_ratio(r, sdpa, "ms") if is_ours else "-")
         else:
             group = [o for o in mine if o["impl"] == r["impl"] and o["length"] == r["length"]]
             base = min(group, key=lambda o: o["layers"])
@@ -579,7 +553,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu,
         "torch_threads": torch.get_num_threads(),
-        "mem_total_gib": round(_measure.mem_total_bytes() / 1024**3, 1),
+        "mem_total_gib": round(mem_total_bytes() / 1024**3, 1),
         "versions": {d: _version(d) for d in ("torch", "transformers", "reformer-pytorch", "reformer")},
         "argv": sys.argv,
     }
@@ -624,7 +598,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mem-limit-gib",
         type=float,
-        default=round(0.8 * _measure.mem_total_bytes() / 1024**3, 1),
+        default=round(0.8 * mem_total_bytes() / 1024**3, 1),
         help="address-space cap per worker so a blow-up fails as 'oom' (0: none)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the rows (and environment) here")
@@ -644,8 +618,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        row = run_worker(Spec(**json.loads(args.worker)), args.repeats, args.threads, args.mem_limit_gib)
-        print(json.dumps(row), flush=True)
+        emit_result(
+            measure_spec(Spec(**json.loads(args.worker)), args.repeats, args.threads, args.mem_limit_gib)
+        )
         return 0
 
     specs = plan(args)
@@ -655,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label} ...", file=sys.stderr, flush=True)
         row = run_config(spec, args)
         rows.append(row)
-        detail = f"{row['time_s']:.3f} s, {row['peak_mib']:.0f} MiB" if _ok(row) else row.get("error", "")
+        detail = f"{row['ms'] / 1e3:.3f} s, {row['peak_mib']:.0f} MiB" if _ok(row) else row.get("error", "")
         print(f"{label}: {row['status']} {detail} (wall {row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
 
     legend = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from reformer.cli import main
 from reformer.data import COPY_SYMBOLS, IGNORE_INDEX, contiguous_windows, copy_task_batch, load_corpus
 from reformer.train import (
     PRESETS,
+    Batches,
     TrainConfig,
     TrainingError,
     checkpoint_dirs,
@@ -246,6 +248,28 @@ def test_resume_only_changes_run_control_flags(tmp_path, corpus_file, capsys):
     assert "drop --d-model" in capsys.readouterr().err
 
 
+def test_resume_accepts_the_original_command_line_and_names_each_conflict(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    first = ["train", "--data", str(corpus_file), "--out", str(run), "--preset", "tiny", "--lr", "0.003"]
+    first += SMALL_FLAGS
+    assert main([*first, "--steps", "2"]) == 0
+    # The original command line (--preset and --data included) with --resume and a later --steps.
+    assert main([*first, "--resume", "--steps", "4"]) == 0
+    assert json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())["step"] == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*first, "--resume", "--steps", "6", "--lr", "0.5", "--d-model", "64", "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert "--lr 0.5 differs from the resumed run's 0.003" in err
+    assert "--d-model 64 differs from the resumed run's 32" in err
+    assert "--batch-size 4 differs" not in err  # equal to the saved value
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(run), "--resume", "--preset", "copy"])
+    err = capsys.readouterr().err
+    assert "--preset copy" in err and "'copy'" in err and "'lm'" in err  # its task, as one of the conflicts
+    assert json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())["step"] == 4
+
+
 def test_eval_command_prints_bits_per_byte_last(tmp_path, corpus_file, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(corpus_file), "--out", str(run), "--steps", "3", *SMALL_FLAGS]) == 0
@@ -341,9 +365,39 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, corpus_file):
     torch.manual_seed(0)  # the run's seed: the weights it started from
     init = ReformerLM(small_config(corpus_file, model=model).model_config()).state_dict()
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6)
     moved = max(float((one[n] - init[n]).abs().max()) for n in one)
     assert moved > 1e-3  # the steps did train
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(
+    tmp_path, corpus_file, monkeypatch
+):
+    # The n-th row drawn ignores (n % 4) quarters of its targets, so the micro-batches of an accumulated
+    # step hold different numbers of target tokens: the step must still be the full batch's mean over all
+    # of its target tokens, not the mean of the micro-batches' means.
+    draw, drawn = Batches.draw, itertools.count()
+
+    def uneven(self, size, generator, split="train"):
+        inputs, targets = draw(self, size, generator, split)
+        targets = targets.clone()  # a view of the same windows as the inputs
+        for row in range(size):
+            targets[row, : next(drawn) % 4 * targets.shape[1] // 4] = IGNORE_INDEX
+        return inputs, targets
+
+    monkeypatch.setattr(Batches, "draw", uneven)
+    model = {**SMALL_MODEL, "hash_seed": 3}
+    runs = {}
+    for accum in (1, 2, 4):
+        train(small_config(corpus_file, model=model, steps=3, grad_accum=accum), tmp_path / str(accum))
+        runs[accum] = load_file(tmp_path / str(accum) / "model.safetensors")
+    for accum in (2, 4):
+        for name in runs[1]:
+            torch.testing.assert_close(runs[accum][name], runs[1][name], rtol=0, atol=1e-6)
+    logged = [json.loads(line) for line in (tmp_path / "4" / "metrics.jsonl").read_text().splitlines()]
+    logged_full = [json.loads(line) for line in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()]
+    train_loss = lambda records: [r["loss"] for r in records if r["split"] == "train"]
+    assert train_loss(logged) == pytest.approx(train_loss(logged_full), rel=1e-5)
 
 
 def test_bf16_autocast_trains(tmp_path, corpus_file):

@@ -49,7 +49,7 @@ def _compare(qk, v, mask, **kw):
     ref, sort_indices = lsh_attention(
         qk, v, attention_mask=mask, backend="torch", return_sort_indices=True, **kw
     )
-    out = triton_lsh.triton_lsh_attention(qk, v, attention_mask=mask, sort_indices=sort_indices, **kw)
+    out = lsh_attention(qk, v, backend="triton", attention_mask=mask, sort_indices=sort_indices, **kw)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     real = torch.ones(qk.shape[0], qk.shape[2], dtype=torch.bool, device=DEVICE) if mask is None else mask
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
@@ -154,7 +154,7 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
         LSHSelfAttention(32, 2, backend="triton")
     qk, v = _inputs(1, 1, 16, 8)
     with pytest.raises(ImportError, match="backend='torch'"):
-        triton_lsh.triton_lsh_attention(qk, v, bucket_size=8)
+        lsh_attention(qk, v, backend="triton", bucket_size=8)
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter-only check")
@@ -162,7 +162,7 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(triton_lsh, "INTERPRETED", False)
     qk, v = _inputs(1, 1, 32, 8)
     with pytest.raises(ValueError, match="CUDA tensors"):
-        triton_lsh.triton_lsh_attention(qk, v, bucket_size=8)
+        lsh_attention(qk, v, backend="triton", bucket_size=8)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .config import ReformerConfig, read_json_object
+from .model import ReformerLM
 
 ENWIK8_ID_OFFSET = 2  # HF's enwik8 checkpoint: byte b has id b + 2; ids 0 (padding) and 1 are specials
 
@@ -191,11 +192,9 @@ def _read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
-def from_hf(model_or_dir: Any):
+def from_hf(model_or_dir: Any) -> ReformerLM:
     """A :class:`~reformer.ReformerLM` with the config and weights of an HF ``ReformerModelWithLMHead``
     (the object, or a local folder with ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin``)."""
-    from .model import ReformerLM
-
     if isinstance(model_or_dir, (str, os.PathLike)):
         folder = Path(model_or_dir)
         if not folder.is_dir():

@@ -1,0 +1,90 @@
+"""``reformer generate``: byte-level text from a model or run folder, streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..model import ReformerLM
+from .streaming import stream
+
+# Token ids of HF's enwik8 checkpoints are byte + 2 (0 is padding); ours are plain bytes.
+ENWIK8_VOCAB, ENWIK8_OFFSET = 258, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint", help="a model folder (save_pretrained) or a `reformer train` run folder"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text (UTF-8)")
+    source.add_argument("--prompt-file", type=Path, help="read the prompt from this file (bytes as they are)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: probability mass kept")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    parser.add_argument("--n-hashes", type=int, default=None, help="LSH rounds (default: the config's)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    parser.add_argument(
+        "--hf-compatible", action="store_true",
+        help="cached LSH steps follow HF transformers' rule (for models converted from HF)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--id-offset", type=int, default=None,
+        help="token id of byte b is b + offset (default: 2 for a 258-token vocabulary, HF's enwik8, else 0)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        model = ReformerLM.from_pretrained(args.checkpoint, map_location=args.device)
+        data = args.prompt.encode("utf-8") if args.prompt is not None else args.prompt_file.read_bytes()
+    except (FileNotFoundError, ValueError, OSError) as err:
+        parser.error(str(err))
+    vocab = model.config.vocab_size
+    offset = args.id_offset if args.id_offset is not None else (ENWIK8_OFFSET if vocab == ENWIK8_VOCAB else 0)
+    if not data:
+        parser.error("the prompt is empty; give at least one byte")
+    if offset + 255 >= vocab:
+        parser.error(
+            f"byte ids need vocab_size >= {offset + 256} with --id-offset {offset}; the model has {vocab}"
+        )
+    ids = torch.tensor([list(data)], dtype=torch.long, device=args.device) + offset
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout
+    info: dict[str, int] = {}
+    start, count = time.perf_counter(), 0
+    try:
+        tokens = stream(
+            model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, not args.no_cache,
+            args.n_hashes, generator, hf_compatible=args.hf_compatible,
+            on_cache=lambda c: info.update(cache_bytes=c.nbytes()),
+        )  # fmt: skip
+        for next_ids in tokens:
+            count += 1
+            value = int(next_ids[0]) - offset
+            if 0 <= value < 256:
+                out.write(decoder.decode(bytes([value])))
+                out.flush()
+        out.write(decoder.decode(b"", final=True) + "\n")
+        out.flush()
+    except ValueError as err:
+        parser.error(str(err))
+    except BrokenPipeError:  # the reader stopped early (`| head`): stop generating, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    elapsed = time.perf_counter() - start
+    cache = f", cache {info['cache_bytes'] / 2**20:.1f} MiB" if "cache_bytes" in info else ""
+    print(f"[{count} tokens in {elapsed:.2f} s, prompt {len(data)} tokens{cache}]", file=sys.stderr)
+    return 0

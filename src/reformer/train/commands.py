@@ -1,0 +1,208 @@
+"""The ``reformer train`` and ``reformer eval`` commands: flags, presets overridden by them, resuming."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+from ..config import read_json_object
+from ..model import ReformerLM
+from .config import PRECISIONS, PRESETS, SCHEDULES, TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError
+from .evaluation import evaluate_run, sample_text
+from .loop import train
+
+# Flags of `reformer train` that map onto ReformerConfig fields.
+MODEL_FLAGS = ("d_model", "n_heads", "n_layers", "d_ff", "bucket_size", "n_hashes", "dropout", "hash_seed")
+# Settings a resumed run may change; everything else must match the saved run.
+RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "max_minutes", "progress")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text/binary files or folders, or enwik8[.zip] "
+                   "(default: the Python standard library sources of this machine)")  # fmt: skip
+    p.add_argument("--task", choices=TASKS, help="lm: next-byte prediction (default); copy: the paper's "
+                   "duplication task 0w0w")  # fmt: skip
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="model and run settings to start from (default tiny)"
+    )
+    p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--seq-len", type=int, help="tokens per sequence")
+    g.add_argument("--batch-size", type=int, help="sequences per optimiser step over all processes")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
+    g.add_argument("--steps", type=int, help="optimiser steps in total (a resumed run continues to this)")
+    g.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall time")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
+    g.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints")
+    g.add_argument("--log-every", type=int, help="steps between metrics lines")
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
+    )
+    g.add_argument("--no-sample", action="store_true", help="do not print a sample / eval at the end")
+    o = p.add_argument_group("optimiser (AdamW)")
+    o.add_argument("--lr", type=float, help="peak learning rate")
+    o.add_argument("--warmup", type=int, help="linear warm-up steps")
+    o.add_argument("--schedule", choices=SCHEDULES, help="rsqrt (default; independent of --steps) or cosine")
+    o.add_argument("--cosine-steps", type=int, help="horizon of the cosine schedule")
+    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--clip", type=float, help="gradient-norm clipping (0: none)")
+    m = p.add_argument_group("model")
+    m.add_argument("--d-model", type=int)
+    m.add_argument("--n-heads", type=int)
+    m.add_argument("--n-layers", type=int)
+    m.add_argument("--d-ff", type=int)
+    m.add_argument("--attn-layers", help="comma-separated lsh/local/full per layer, or one kind for all")
+    m.add_argument("--bucket-size", type=int, help="LSH chunk length")
+    m.add_argument("--n-hashes", type=int, help="LSH hash rounds")
+    m.add_argument("--dropout", type=float)
+    m.add_argument("--hash-seed", type=int, help="fix the hash rotations (default: fresh every step)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Preset settings overridden by the flags given on the command line."""
+    preset_name = args.preset or ("copy" if args.task == "copy" else "tiny")
+    preset = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[preset_name].items()}
+    if args.task == "lm" and preset.get("task") == "copy":
+        raise ValueError(f"--preset {preset_name} is a copy-task preset; drop --task lm or pick tiny/enwik8")
+    cfg = TrainConfig(**preset)
+    given = {
+        f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None
+    }
+    if "clip" in given and given["clip"] == 0:
+        given["clip"] = None
+    cfg = replace(cfg, **given)
+    if args.data:
+        cfg.data = [str(Path(d).resolve()) for d in args.data]
+    model = dict(cfg.model)
+    for name in MODEL_FLAGS:
+        if getattr(args, name, None) is not None:
+            model[name] = getattr(args, name)
+    if args.attn_layers:
+        kinds = tuple(k.strip() for k in args.attn_layers.split(","))
+        model["attn_layers"] = kinds * model.get("n_layers", len(kinds)) if len(kinds) == 1 else kinds
+        if len(kinds) > 1 and args.n_layers is None:
+            model["n_layers"] = len(kinds)
+    elif args.n_layers is not None and "attn_layers" in model:
+        pattern = model["attn_layers"]
+        model["attn_layers"] = tuple(pattern[i % len(pattern)] for i in range(args.n_layers))
+    if model.get("axial_pos_shape") and len(model["axial_pos_shape"]) == 1:  # plain learned positions
+        model["axial_pos_shape"], model["axial_pos_dims"] = (cfg.seq_len,), (model["d_model"],)
+    elif args.seq_len is not None or args.d_model is not None:  # re-derive the axial factorisation
+        model.pop("axial_pos_shape", None)
+        model.pop("axial_pos_dims", None)
+    if args.seq_len is not None:
+        model.pop("max_seq_len", None)
+    cfg.model = model
+    return cfg
+
+
+def resumed_config(args: argparse.Namespace, run: Path) -> TrainConfig:
+    """The saved run's settings with the run-control flags (``RESUMABLE_OVERRIDES``) applied.
+
+    Other flags, ``--preset`` and ``--data`` included, may repeat the command line that started the run:
+    each must agree with the saved run, and every one that does not is named with both values.
+    """
+    saved = TrainConfig.from_dict(read_json_object(run / TRAIN_CONFIG_FILE, "the run folder is damaged"))
+    stored, described = saved.to_dict(), config_from_args(args).to_dict()
+    # (flag, setting, whether it is a model setting): the flags given, then what --preset sets.
+    checks = [(f.name, f.name, False) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None]
+    checks += [(n, n, True) for n in (*MODEL_FLAGS, "attn_layers") if getattr(args, n, None) is not None]
+    if args.preset:
+        checks += [("preset", n, False) for n in PRESETS[args.preset] if n != "model"]
+        checks += [("preset", n, True) for n in sorted({*stored["model"], *described["model"]})]
+    changes, conflicts, checked = {}, [], set()
+    for flag, name, in_model in checks:
+        if (name, in_model) in checked:
+            continue
+        checked.add((name, in_model))
+        if not in_model and name in RESUMABLE_OVERRIDES:
+            if flag == name:  # a preset's run-control values do not move a resumed run; flags do
+                changes[name] = described[name]
+            continue
+        value = (described["model"] if in_model else described).get(name)
+        saved_value = (stored["model"] if in_model else stored).get(name)
+        if value != saved_value:
+            who = (
+                f"--preset {args.preset} sets {name} {value!r},"
+                if flag == "preset"
+                else f"{_flag(flag)} {value}"
+            )
+            conflicts.append((flag, f"{who} differs from the resumed run's {saved_value!r}"))
+    if conflicts:
+        drop = ", ".join(dict.fromkeys(_flag(flag) for flag, _ in conflicts))
+        raise ValueError(
+            "; ".join(text for _, text in conflicts)
+            + ". A resumed run keeps its settings and may only change "
+            + ", ".join(_flag(n) for n in RESUMABLE_OVERRIDES)
+            + f": drop {drop} or give the saved values"
+        )
+    return replace(saved, **changes)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    out = Path(args.out or f"runs/{args.preset or ('copy' if args.task == 'copy' else 'tiny')}")
+    try:
+        cfg = resumed_config(args, out) if args.resume else config_from_args(args)
+        cfg.validate()
+        cfg.model_config()
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    try:
+        result = train(cfg, out, resume=args.resume, device=args.device)
+    except (TrainingError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.stopped_by_signal is not None:
+        return 128 + result.stopped_by_signal
+    print(
+        f"saved {out} (step {result.step}): " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+    )
+    if not args.no_sample:
+        model = ReformerLM.from_pretrained(out)
+        if cfg.task == "lm":
+            print("sample:\n" + sample_text(model))
+        else:
+            acc = evaluate_run(out, n_hashes=8)["accuracy"]
+            print(f"copy-task accuracy with 8 hashes: {acc:.4f}")
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run folder written by reformer train (or a model folder)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="evaluate on this corpus's test split instead")
+    p.add_argument("--n-hashes", type=int, help="LSH hash rounds at evaluation (default: as trained)")
+    p.add_argument("--full-attention", action="store_true", help="exact attention in the LSH layers")
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass")
+    p.add_argument("--device", help="cpu or cuda")
+
+
+def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        metrics = evaluate_run(
+            args.run, data=args.data, n_hashes=args.n_hashes, max_tokens=args.max_tokens,
+            batch_size=args.batch_size, full_attention=args.full_attention, device=args.device,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"loss={metrics['loss']:.4f} nats")
+    key = "accuracy" if "accuracy" in metrics else "bits_per_byte"
+    print(f"{key}={metrics[key]:.4f}")
+    return 0

@@ -1,0 +1,139 @@
+"""The settings of a training run (``train_config.json``), the presets, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import ReformerConfig, dataclass_from_dict, default_axial_shape
+
+TRAIN_CONFIG_FILE = "train_config.json"
+TASKS = ("lm", "copy")
+SCHEDULES = ("rsqrt", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+COPY_VOCAB = 128  # symbols 0..127
+
+# Model settings and run settings per preset; command-line flags override them.
+# fmt: off
+PRESETS: dict[str, dict[str, Any]] = {
+    # A couple of minutes on 2 CPU cores: the first run (make run) and the tests.
+    "tiny": dict(
+        model=dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, bucket_size=32, n_hashes=2,
+                   attn_layers=("local", "lsh", "local", "lsh"), local_chunk_size=64),
+        seq_len=512, batch_size=8, steps=300, lr=6e-3, warmup=50, eval_every=100, save_every=100,
+    ),
+    # The duplication task at a CPU size: one LSH layer over 256 tokens, learned positions.
+    "copy": dict(
+        task="copy",
+        model=dict(vocab_size=COPY_VOCAB, d_model=256, n_heads=4, n_layers=1, d_ff=512, bucket_size=32,
+                   n_hashes=4, attn_layers=("lsh",), axial_pos_shape=(256,), axial_pos_dims=(256,)),
+        seq_len=256, batch_size=32, steps=600, lr=3e-3, warmup=100, eval_every=100, save_every=200,
+    ),
+    # The paper's duplication setting (section 5): length 1024, one layer, d_model 256, 4 heads.
+    "copy-paper": dict(
+        task="copy",
+        model=dict(vocab_size=COPY_VOCAB, d_model=256, n_heads=4, n_layers=1, d_ff=512, bucket_size=64,
+                   n_hashes=4, attn_layers=("lsh",), axial_pos_shape=(1024,), axial_pos_dims=(256,)),
+        seq_len=1024, batch_size=32, steps=3000, lr=2e-3, warmup=200, eval_every=250, save_every=500,
+    ),
+    # The paper's enwik8 model: 12 layers, d_model 1024, d_ff 4096, 8 heads, 64K tokens.
+    "enwik8": dict(
+        model=dict(d_model=1024, n_heads=8, n_layers=12, d_ff=4096, bucket_size=64, n_hashes=2,
+                   attn_layers=("local", "lsh") * 6, local_chunk_size=128, dropout=0.1),
+        seq_len=65536, batch_size=1, steps=100000, lr=2e-4, warmup=2000, eval_every=1000, save_every=500,
+        eval_batches=2,
+    ),
+}
+# fmt: on
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``train_config.json``)."""
+
+    model: dict[str, Any]
+    task: str = "lm"
+    data: list[str] = field(default_factory=list)
+    seq_len: int = 512
+    batch_size: int = 8  # sequences per optimiser step, over all processes and accumulation steps
+    grad_accum: int = 1
+    steps: int = 300
+    lr: float = 6e-3
+    warmup: int = 50
+    schedule: str = "rsqrt"
+    cosine_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    clip: float | None = 1.0
+    precision: str = "auto"
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_minutes: float | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is unknown; use one of {TASKS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is unknown; use one of {SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is unknown; use one of {PRECISIONS}")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("steps", "warmup"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a non-negative integer")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip={self.clip} must be positive (or None for no clipping)")
+        if self.schedule == "cosine" and not self.cosine_steps:
+            raise ValueError("the cosine schedule needs its own horizon: pass --cosine-steps N")
+        if self.task == "copy" and (self.seq_len % 2 or self.seq_len < 4):
+            raise ValueError(f"the copy task needs an even --seq-len of at least 4, got {self.seq_len}")
+
+    def model_config(self) -> ReformerConfig:
+        settings = dict(self.model)
+        settings.setdefault("max_seq_len", self.seq_len)
+        if "axial_pos_shape" not in settings:
+            settings["axial_pos_shape"] = default_axial_shape(settings["max_seq_len"])
+        settings.setdefault("vocab_size", COPY_VOCAB if self.task == "copy" else 256)
+        return ReformerConfig(**settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.model.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return dataclass_from_dict(cls, data, "train_config")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based).
+
+    ``rsqrt``: linear warm-up to ``lr`` then ``lr * sqrt(warmup / step)``, as in the paper's
+    configurations; it does not depend on ``steps``, so extending a run follows the same curve.
+    ``cosine``: warm-up then a cosine from ``lr`` to ``lr * min_lr_ratio`` over ``cosine_steps``.
+    """
+    step = step + 1
+    warm = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.schedule == "rsqrt":
+        return cfg.lr * warm * math.sqrt(max(cfg.warmup, 1) / max(step, cfg.warmup, 1))
+    progress = min(1.0, max(0, step - cfg.warmup) / max(1, cfg.cosine_steps - cfg.warmup))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return warm * (floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress)))

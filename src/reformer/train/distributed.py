@@ -1,0 +1,74 @@
+"""This process's place in a ``torchrun`` job: device, collectives, and the replica check."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as torch_dist
+
+from ..model import ReformerLM
+from .config import TrainingError
+
+
+@dataclass
+class Distributed:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls, device: str | None = None) -> Distributed:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if world_size == 1:
+            return cls(device=torch.device(device))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+            dev = torch.device("cuda", local_rank)
+        else:
+            dev = torch.device(device)
+        if not torch_dist.is_initialized():
+            torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        return cls(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), device=dev)
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) of ``values`` over processes; one small collective."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch_dist.barrier()
+
+    def shutdown(self) -> None:
+        if self.world_size > 1 and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def check_replicas(model: ReformerLM, dist: Distributed) -> None:
+    """Fail loudly if DDP replicas drifted apart: they must stay bit-identical."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests: list[str | None] = [None] * dist.world_size
+    torch_dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise TrainingError("parameters differ across processes after training; this is a bug")
+    if dist.is_main:
+        print(f"parameters identical across {dist.world_size} processes", file=sys.stderr)
