@@ -142,6 +142,7 @@ class _ReversibleFunction(torch.autograd.Function):
         return x1, x2
 
     @staticmethod
+    @torch.compiler.disable  # run by autograd under a compiled caller: stays eager, see _reversible_apply
     def backward(ctx, grad_y1, grad_y2):
         params = [p for block in ctx.blocks for p in block.parameters()]
         # Everything long-lived is allocated up front and updated in place: the activations and their
@@ -187,6 +188,12 @@ class _ReversibleFunction(torch.autograd.Function):
         return (grad_y1, grad_y2, None, None, None, None, *param_grads)
 
 
+# torch.compile runs the reversible stack eagerly, as one opaque region (one graph break): its
+# autograd.Function takes modules, saves and restores generator states and replays buckets, which
+# dynamo cannot trace. The inference path (no gradients) is a plain loop and compiles whole.
+_reversible_apply = torch.compiler.disable(_ReversibleFunction.apply)
+
+
 @contextmanager
 def _maybe_restored(state: _RngState | None):
     if state is None:
@@ -216,9 +223,7 @@ class ReversibleSequence(nn.Module):
         # recomputation must see the same draws and must leave the generators as it found them.
         keep_rng = self.training
         params = [p for block in self.blocks for p in block.parameters()]
-        return _ReversibleFunction.apply(
-            x1, x2, attention_mask, n_hashes, list(self.blocks), keep_rng, *params
-        )
+        return _reversible_apply(x1, x2, attention_mask, n_hashes, list(self.blocks), keep_rng, *params)
 
     def _any_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
