@@ -10,6 +10,7 @@ are replayed by restoring the default generators' state, hash buckets through th
 from __future__ import annotations
 
 import ctypes
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -112,6 +113,24 @@ class _SortIndexStore:
         self.used += 1
 
 
+def _eager_under_compile(fn):
+    """``fn``, run eagerly when torch.compile traces it (one graph break) and unchanged otherwise.
+
+    The reversible stack is one opaque region for torch.compile: its autograd.Function takes modules,
+    saves and restores generator states and replays buckets, which dynamo cannot trace. (The inference
+    path, without gradients, is a plain loop and compiles whole.) ``torch.compiler.disable`` is applied
+    only while compiling, since it imports torch._dynamo, which would slow down ``import reformer``.
+    """
+
+    @functools.wraps(fn)
+    def run(*args):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args)
+        return fn(*args)
+
+    return run
+
+
 class _ReversibleFunction(torch.autograd.Function):
     """Runs every block forward without storing activations; rebuilds them in backward.
 
@@ -142,7 +161,7 @@ class _ReversibleFunction(torch.autograd.Function):
         return x1, x2
 
     @staticmethod
-    @torch.compiler.disable  # run by autograd under a compiled caller: stays eager, see _reversible_apply
+    @_eager_under_compile  # autograd runs it inside a compiled caller's loss.backward()
     def backward(ctx, grad_y1, grad_y2):
         params = [p for block in ctx.blocks for p in block.parameters()]
         # Everything long-lived is allocated up front and updated in place: the activations and their
@@ -188,10 +207,7 @@ class _ReversibleFunction(torch.autograd.Function):
         return (grad_y1, grad_y2, None, None, None, None, *param_grads)
 
 
-# torch.compile runs the reversible stack eagerly, as one opaque region (one graph break): its
-# autograd.Function takes modules, saves and restores generator states and replays buckets, which
-# dynamo cannot trace. The inference path (no gradients) is a plain loop and compiles whole.
-_reversible_apply = torch.compiler.disable(_ReversibleFunction.apply)
+_reversible_apply = _eager_under_compile(_ReversibleFunction.apply)
 
 
 @contextmanager
