@@ -74,7 +74,7 @@ def test_compiled_training_matches_eager():
     Compiled with AOTAutograd but without Inductor's code generation: the graphs and their autograd
     split are what this library controls. (Inductor in torch 2.13 on CPU drops part of the axial
     position embedding's gradient, rows whose index is computed as ``arange(50) // 16``, also outside
-    this library: see the module docstring of ``benchmarks/compile.py``.)
+    this library: see docs/compile.md.)
     """
     model = _model().train()
     ids, mask = _inputs()
