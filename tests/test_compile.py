@@ -1,17 +1,96 @@
+"""torch.compile: the inference forward compiles to one graph, training breaks at most twice (the
+reversible stack runs eagerly as one opaque region), and compiled results equal eager ones."""
+
 import pytest
 import torch
+import torch._dynamo
 
 from reformer import ReformerConfig, ReformerLM
 
+LENGTH = 50  # not a multiple of the LSH bucket (8) nor of the local chunk (16)
 
-@pytest.mark.slow
-def test_torch_compile_matches_eager():
+
+def _model(**overrides) -> ReformerLM:
     torch.manual_seed(0)
     cfg = ReformerConfig(
-        vocab_size=64, d_model=32, n_heads=2, n_layers=2, d_ff=64, bucket_size=8, n_buckets=4,
-        max_seq_len=128, attn_layers=("lsh", "local"), local_chunk_size=16,
+        vocab_size=64, d_model=32, n_heads=2, n_layers=4, d_ff=64, bucket_size=8, n_hashes=2,
+        max_seq_len=128, attn_layers=("local", "lsh", "local", "lsh"), local_chunk_size=16,
+        initializer_range=0.2, **overrides,
     )  # fmt: skip
-    model = ReformerLM(cfg).eval()
-    ids = torch.randint(0, 64, (2, 50))
-    compiled = torch.compile(model)
-    assert torch.allclose(compiled(ids), model(ids), atol=1e-5)
+    return ReformerLM(cfg)
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, LENGTH), generator=generator)
+    mask = torch.ones(2, LENGTH, dtype=torch.long)
+    mask[1, 37:] = 0
+    return ids, mask
+
+
+def _train_step(model, ids, mask):
+    loss = model(ids, attention_mask=mask, targets=ids)
+    loss.backward()
+    return loss
+
+
+def test_graph_breaks():
+    """Cheap check (dynamo tracing only, no code generation) of the graph-break budget."""
+    model = _model()
+    ids, mask = _inputs()
+    model.eval()
+    with torch.no_grad():
+        for m in (None, mask):
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model)(ids, m)
+            assert explained.graph_break_count == 0, explained.break_reasons
+    model.train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_train_step)(model, ids, mask)
+    # One break where the reversible stack runs eagerly, one at loss.backward().
+    assert explained.graph_break_count <= 2, explained.break_reasons
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_fullgraph_inference_matches_eager():
+    model = _model().eval()
+    ids, mask = _inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for m in (None, mask):
+            expected = model(ids, m)
+            assert torch.allclose(compiled(ids, m), expected, atol=1e-5, rtol=0)
+        # The mask matters: the compiled output must follow it (padding changes the logits).
+        assert not torch.allclose(compiled(ids, mask)[1, 37:], compiled(ids)[1, 37:], atol=1e-3)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager():
+    """Loss and every parameter's gradient, fresh rotations per call (no hash_seed) and padding.
+
+    Compiled with AOTAutograd but without Inductor's code generation: the graphs and their autograd
+    split are what this library controls. (Inductor in torch 2.13 on CPU drops part of the axial
+    position embedding's gradient, rows whose index is computed as ``arange(50) // 16``, also outside
+    this library: see docs/compile.md.)
+    """
+    model = _model().train()
+    ids, mask = _inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(123)
+        loss = _train_step(fn, ids, mask)
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    for _ in range(2):  # the second time through, the compiled graphs are reused
+        expected_loss, expected_grads = run(model)
+        loss, grads = run(compiled)
+        assert torch.allclose(loss, expected_loss, atol=1e-5, rtol=0)
+        for name, grad in grads.items():
+            assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=0), name
+    torch._dynamo.reset()

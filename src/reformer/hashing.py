@@ -60,8 +60,23 @@ def draw_rotations(
     shape = rotation_shape(n_heads, head_dim, n_hashes, n_buckets)
     if seed is None:
         return torch.randn(shape, device=device, dtype=torch.float32)
+    return seeded_randn(seed, list(shape)).to(device)
+
+
+# A custom op rather than plain code: torch.compile cannot trace a private torch.Generator (it would break
+# the graph there), but it records an opaque op call, so compiled models draw the same rotations as eager.
+@torch.library.custom_op("reformer::seeded_randn", mutates_args=())
+def seeded_randn(seed: int, shape: list[int]) -> torch.Tensor:
+    """Standard normal float32 CPU tensor of ``shape`` from a private generator seeded with ``seed``:
+    the numbers ``torch.manual_seed(seed); torch.randn(shape)`` gives, without touching the default
+    generator."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+@seeded_randn.register_fake
+def _seeded_randn_fake(seed: int, shape: list[int]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32)
 
 
 def _argmax_of_plus_minus(rotated: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ runs outside ``torch.autocast``; rebuilding a bfloat16 layer in float32 would su
 from __future__ import annotations
 
 import ctypes
+import functools
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -138,6 +139,24 @@ class _SortIndexStore:
         self.used += 1
 
 
+def _eager_under_compile(fn):
+    """``fn``, run eagerly when torch.compile traces it (one graph break) and unchanged otherwise.
+
+    The reversible stack is one opaque region for torch.compile: its autograd.Function takes modules,
+    saves and restores generator states and replays buckets, which dynamo cannot trace. (The inference
+    path, without gradients, is a plain loop and compiles whole.) ``torch.compiler.disable`` is applied
+    only while compiling, since it imports torch._dynamo, which would slow down ``import reformer``.
+    """
+
+    @functools.wraps(fn)
+    def run(*args):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args)
+        return fn(*args)
+
+    return run
+
+
 class _ReversibleFunction(torch.autograd.Function):
     """Runs every block forward without storing activations; rebuilds them in backward.
 
@@ -169,6 +188,7 @@ class _ReversibleFunction(torch.autograd.Function):
         return x1, x2
 
     @staticmethod
+    @_eager_under_compile  # autograd runs it inside a compiled caller's loss.backward()
     @once_differentiable
     def backward(ctx, grad_y1, grad_y2):
         params = [p for block in ctx.blocks for p in block.parameters()]
@@ -215,6 +235,9 @@ class _ReversibleFunction(torch.autograd.Function):
         return (grad_y1, grad_y2, None, None, None, None, *param_grads)
 
 
+_reversible_apply = _eager_under_compile(_ReversibleFunction.apply)
+
+
 @contextmanager
 def _maybe_restored(state: _RngState | None):
     if state is None:
@@ -244,9 +267,7 @@ class ReversibleSequence(nn.Module):
         # recomputation must see the same draws and must leave the generators as it found them.
         keep_rng = self.training
         params = [p for block in self.blocks for p in block.parameters()]
-        return _ReversibleFunction.apply(
-            x1, x2, attention_mask, n_hashes, list(self.blocks), keep_rng, *params
-        )
+        return _reversible_apply(x1, x2, attention_mask, n_hashes, list(self.blocks), keep_rng, *params)
 
     def _any_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
