@@ -108,7 +108,7 @@ ORACLE_CASES = [
     (24, 4, 3, (2, 4), 1, 3),
     (6, 8, 2, (4,), 1, 0),  # shorter than a chunk: hashed too, rounds' single chunks must not mix
     (26, 4, 4, (2,), 2, 2),  # W = 2 chunks
-    (12, 4, 1, (2,), 2, 0),  # two chunks and a window of three: slots wrap onto the same chunk
+    (12, 4, 1, (2,), 2, 0),  # two chunks and a window of three: a slot wraps onto the own chunk
 ]
 
 
