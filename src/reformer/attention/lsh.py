@@ -79,11 +79,13 @@ def lsh_sort_indices(
     _, heads, _, head_dim = qk.shape
     if rotations is None:
         rotations = draw_rotations(heads, head_dim, n_hashes, n_buckets, seed=seed, device=qk.device)
-    if fused and not return_buckets:
+    if fused:
         from . import triton_lsh
 
         if len(bucket_factors(n_buckets)) <= triton_lsh.MAX_FACTORS:
-            return triton_lsh.hash_sort_indices(qk.detach(), rotations, n_buckets, key_padding_mask)
+            return triton_lsh.hash_sort_indices(
+                qk.detach(), rotations, n_buckets, key_padding_mask, return_buckets=return_buckets
+            )
     buckets = hash_vectors(qk.detach(), rotations, n_buckets)
     indices = sort_by_bucket(buckets, key_padding_mask)
     if not return_buckets:
@@ -165,10 +167,6 @@ def lsh_attention(
     validate_n_buckets(n_buckets)
     validate_key_rule(key_rule, causal, n_buckets)
     own_bucket = key_rule == "own_bucket"
-    if backend == "triton" and own_bucket:
-        raise NotImplementedError(
-            "key_rule='own_bucket' has no Triton kernels yet; use backend='torch' (or key_rule='chunks')"
-        )
     if backend == "triton":
         from . import triton_lsh
 
@@ -224,7 +222,7 @@ def lsh_attention(
             raise TypeError(f"backend='triton' needs qk and v of one dtype, got {qk.dtype} and {v.dtype}")
         out = triton_lsh.fused_lsh_core(
             qk_p, keys_p, v_p, sort_indices, real_chunks, key_valid, bucket_size=bucket_size, causal=causal,
-            window=window,
+            window=window, sorted_buckets=sorted_buckets if own_bucket else None,
         )  # fmt: skip
     else:
         slices = batch * heads

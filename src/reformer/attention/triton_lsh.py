@@ -161,10 +161,16 @@ if triton is not None:
     @triton.jit
     def _masked_scores(
         q, k, qpos, kpos, k_ok, Valid, b, length, mask_value, self_value,
-        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        Bkt, s, qchunk, kchunk, gap, rnd, chunks, n_rounds, window_keys, offs,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
+        OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Scores ``log2(e) * q.k`` (float32) with the causal, padding and self masks of
-        ``chunked._scores``; key columns past the chunk get -inf."""
+        ``chunked._scores``; key columns past the chunk get -inf.
+
+        ``OWN_BUCKET`` adds the masks of ``chunked._outside_own_bucket``: the key chunk must be ``gap``
+        chunks before the query chunk in round ``rnd`` (no wrapped slot), in the query's bucket (``Bkt``,
+        the sorted buckets), and at most ``window_keys`` sorted places before the query."""
         scores = _dot(q, tl.trans(k), PRECISION) * 1.4426950408889634
         if CAUSAL:
             scores = tl.where(qpos[:, None] < kpos[None, :], mask_value, scores)
@@ -172,16 +178,24 @@ if triton is not None:
             valid = tl.load(Valid + b * length + kpos, mask=k_ok, other=0)
             scores = tl.where((valid != 0)[None, :], scores, mask_value)
         scores = tl.where(qpos[:, None] == kpos[None, :], self_value, scores)
+        if OWN_BUCKET:
+            slot_ok = (qchunk - kchunk == gap) & (qchunk // chunks == rnd) & (kchunk // chunks == rnd)
+            qb = _chunk_rows(Bkt, s, qchunk, length, n_rounds, C, offs, k_ok)
+            kb = _chunk_rows(Bkt, s, kchunk, length, n_rounds, C, offs, k_ok)
+            distance = gap * C + offs[:, None] - offs[None, :]
+            seen = (qb[:, None] == kb[None, :]) & (distance >= 0) & (distance <= window_keys) & slot_ok
+            scores = tl.where(seen, scores, mask_value)
         return tl.where(k_ok[None, :], scores, float("-inf"))
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, Idx, Nbr, Real, Valid, Out, Lse,
-        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        Q, K, V, Idx, Nbr, Real, Valid, Bkt, Out, Lse,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value, before, after, window_keys,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
         C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, FIRST: tl.constexpr, PRECISION: tl.constexpr,
+        OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Round ``rnd`` of the forward pass, persistent over ``slices * chunks`` query-chunk tiles.
 
@@ -226,7 +240,8 @@ if triton is not None:
                     )
                     scores = _masked_scores(
                         q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
-                        CAUSAL, HAS_VALID, PRECISION,
+                        Bkt, s, chunk, kchunk, before - t, rnd, chunks, n_rounds, window_keys, offs,
+                        CAUSAL, HAS_VALID, PRECISION, C, OWN_BUCKET,
                     )  # fmt: skip
                     new_max = tl.maximum(run_max, tl.max(scores, axis=1))
                     scale = tl.exp2(run_max - new_max)
@@ -273,12 +288,12 @@ if triton is not None:
 
     @triton.jit
     def _dq_kernel(
-        Q, K, V, G, Idx, Nbr, Real, Valid, Lse, Delta, DQ,
-        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        Q, K, V, G, Idx, Nbr, Real, Valid, Bkt, Lse, Delta, DQ,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value, before, after, window_keys,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_gb, s_gh, s_gl, s_db, s_dh, s_dl,
         C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr, OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Round ``rnd`` of ``dQ``: every query chunk over its neighbour key chunks; adds into ``DQ``."""
         offs = tl.arange(0, BLOCK_C)
@@ -309,7 +324,8 @@ if triton is not None:
                 dq = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
                 nbr_base = Nbr + (b * n_rounds * chunks + chunk) * W
                 for t in tl.static_range(W):
-                    kpos = _chunk_rows(Idx, s, tl.load(nbr_base + t), length, n_rounds, C, offs, row_ok)
+                    kchunk = tl.load(nbr_base + t)
+                    kpos = _chunk_rows(Idx, s, kchunk, length, n_rounds, C, offs, row_ok)
                     k = tl.load(
                         K + b * s_kb + h * s_kh + kpos[:, None] * s_kl + d_offs[None, :], mask=q_ok, other=0.0
                     )
@@ -320,7 +336,8 @@ if triton is not None:
                     )
                     scores = _masked_scores(
                         q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
-                        CAUSAL, HAS_VALID, PRECISION,
+                        Bkt, s, chunk, kchunk, before - t, rnd, chunks, n_rounds, window_keys, offs,
+                        CAUSAL, HAS_VALID, PRECISION, C, OWN_BUCKET,
                     )  # fmt: skip
                     p = tl.exp2(scores - lse[:, None])
                     dp = _dot(g, tl.trans(v), PRECISION)
@@ -332,13 +349,13 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_kernel(
-        Q, K, V, G, Idx, Inv, Real, Valid, Lse, Delta, DK, DV_,
-        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        Q, K, V, G, Idx, Inv, Real, Valid, Bkt, Lse, Delta, DK, DV_,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value, before, after, window_keys,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_gb, s_gh, s_gl,
         s_dkb, s_dkh, s_dkl, s_dvb, s_dvh, s_dvl,
         C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr, OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Round ``rnd`` of ``dK`` and ``dV``: every key chunk over the query chunks that see it
         (``Inv``); adds into ``DK`` and ``DV_``."""
@@ -368,7 +385,8 @@ if triton is not None:
                 dv = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
                 inv_base = Inv + (b * n_rounds * chunks + chunk) * W
                 for t in tl.static_range(W):
-                    qpos = _chunk_rows(Idx, s, tl.load(inv_base + t), length, n_rounds, C, offs, row_ok)
+                    qchunk = tl.load(inv_base + t)
+                    qpos = _chunk_rows(Idx, s, qchunk, length, n_rounds, C, offs, row_ok)
                     q = tl.load(
                         Q + b * s_qb + h * s_qh + qpos[:, None] * s_ql + d_offs[None, :], mask=k_ok, other=0.0
                     )
@@ -381,7 +399,8 @@ if triton is not None:
                     delta = tl.load(Delta + s.to(tl.int64) * length + qpos, mask=row_ok, other=0.0)
                     scores = _masked_scores(
                         q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
-                        CAUSAL, HAS_VALID, PRECISION,
+                        Bkt, s, qchunk, chunk, t - after, rnd, chunks, n_rounds, window_keys, offs,
+                        CAUSAL, HAS_VALID, PRECISION, C, OWN_BUCKET,
                     )  # fmt: skip
                     p = tl.where(row_ok[:, None], tl.exp2(scores - lse[:, None]), 0.0)
                     dv += _dot(tl.trans(p.to(g.dtype)), g, PRECISION)
@@ -451,7 +470,8 @@ def hash_sort_indices(
     rotations: torch.Tensor,
     n_buckets: int | tuple[int, ...],
     key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_buckets: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused hashing: sort indices by (bucket, position) per round, padding last.
 
     The same result as ``sort_by_bucket(hash_vectors(qk, rotations, n_buckets), key_valid)`` (up to
@@ -464,7 +484,8 @@ def hash_sort_indices(
         key_valid: ``(batch, length)`` bool, True for real tokens, or None.
 
     Returns:
-        ``(batch, heads, n_hashes, length)`` int64 positions.
+        ``(batch, heads, n_hashes, length)`` int64 positions (and, with ``return_buckets``, the bucket of
+        every sorted entry, padding ``prod(factors)``).
     """
     require_triton()
     check_device(qk)
@@ -492,15 +513,20 @@ def hash_sort_indices(
         HAS_VALID=key_valid is not None,
         PRECISION=_float32_precision() if qk.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    return torch.sort(keys, dim=-1).indices
+    sorted_keys, indices = torch.sort(keys, dim=-1)
+    return (indices, sorted_keys // length) if return_buckets else indices
 
 
 class _Plan:
     """Launch settings shared by the forward and backward kernels of one call."""
 
-    def __init__(self, sort_indices, neighbours, inverse, real_chunks, key_valid, causal, chunk):
+    def __init__(
+        self, sort_indices, neighbours, inverse, real_chunks, key_valid, causal, chunk, window, sorted_buckets
+    ):
         batch, heads, n_rounds, length = sort_indices.shape
         self.sort_indices, self.neighbours, self.inverse = sort_indices, neighbours, inverse
+        self.before, self.after = window
+        self.sorted_buckets = sorted_buckets
         self.real_chunks, self.key_valid, self.causal, self.chunk = real_chunks, key_valid, causal, chunk
         self.heads, self.length, self.n_rounds = heads, length, n_rounds
         self.chunks = length // chunk
@@ -510,7 +536,7 @@ class _Plan:
     def common(self, rnd: int) -> tuple:
         return (
             rnd, self.n_tiles, self.heads, self.length, self.chunks, self.n_rounds,
-            MASK_VALUE * LOG2E, SELF_MASK_VALUE * LOG2E,
+            MASK_VALUE * LOG2E, SELF_MASK_VALUE * LOG2E, self.before, self.after, self.before * self.chunk,
         )  # fmt: skip
 
     def meta(self, q: torch.Tensor, v: torch.Tensor) -> dict:
@@ -518,11 +544,16 @@ class _Plan:
             C=self.chunk, BLOCK_C=_block(self.chunk), D=q.shape[-1], BLOCK_D=_block(q.shape[-1]),
             DV=v.shape[-1], BLOCK_DV=_block(v.shape[-1]), W=self.window,
             CAUSAL=self.causal, HAS_VALID=self.key_valid is not None, PRECISION=_precision(q.dtype),
+            OWN_BUCKET=self.sorted_buckets is not None,
         )  # fmt: skip
 
     @property
     def valid(self) -> torch.Tensor:
         return self.key_valid if self.key_valid is not None else self.real_chunks
+
+    @property
+    def bucket_ids(self) -> torch.Tensor:
+        return self.sorted_buckets if self.sorted_buckets is not None else self.sort_indices
 
 
 class _TritonLSHAttention(torch.autograd.Function):
@@ -535,7 +566,8 @@ class _TritonLSHAttention(torch.autograd.Function):
         grid, meta = _grid(plan.n_tiles, q.device), plan.meta(q, v)
         for rnd in range(plan.n_rounds):
             _fwd_kernel[grid](
-                q, k, v, plan.sort_indices, plan.neighbours, plan.real_chunks, plan.valid, out, lse,
+                q, k, v, plan.sort_indices, plan.neighbours, plan.real_chunks, plan.valid, plan.bucket_ids,
+                out, lse,
                 *plan.common(rnd),
                 *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 FIRST=rnd == 0, **meta,
@@ -561,12 +593,12 @@ class _TritonLSHAttention(torch.autograd.Function):
         for rnd in range(plan.n_rounds):
             _dq_kernel[grid](
                 q, k, v, grad_out, plan.sort_indices, plan.neighbours, plan.real_chunks, plan.valid,
-                lse, delta, dq, *plan.common(rnd),
+                plan.bucket_ids, lse, delta, dq, *plan.common(rnd),
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), **meta,
             )  # fmt: skip
             _dkdv_kernel[grid](
                 q, k, v, grad_out, plan.sort_indices, plan.inverse, plan.real_chunks, plan.valid,
-                lse, delta, dk, dv, *plan.common(rnd),
+                plan.bucket_ids, lse, delta, dk, dv, *plan.common(rnd),
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
                 **meta,
             )  # fmt: skip
@@ -598,6 +630,7 @@ def fused_lsh_core(
     bucket_size: int,
     causal: bool,
     window: tuple[int, int],
+    sorted_buckets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention over sorted chunks, fused; :func:`reformer.lsh_attention` prepares its inputs.
 
@@ -608,6 +641,9 @@ def fused_lsh_core(
         real_chunks: ``(batch,)`` chunks per round holding real tokens (None: all of them).
         key_valid: ``(batch, padded_length)`` bool, False for padding, or None.
         window: how many chunks before and after its own each query chunk attends to.
+        sorted_buckets: ``(batch, heads, n_hashes, padded_length)`` int64 bucket of every sorted entry:
+            when given, the ``own_bucket`` rule (a query sees the last ``before * bucket_size`` earlier
+            keys of its own bucket; see :func:`reformer.lsh_attention`).
 
     Returns:
         ``(batch, heads, padded_length, head_dim_v)`` in ``v``'s dtype.
@@ -628,5 +664,7 @@ def fused_lsh_core(
         key_valid=None if key_valid is None else key_valid.to(torch.int8).contiguous(),
         causal=causal,
         chunk=bucket_size,
+        window=window,
+        sorted_buckets=None if sorted_buckets is None else sorted_buckets.contiguous(),
     )
     return _TritonLSHAttention.apply(_unit_last(qk), _unit_last(keys), _unit_last(v), plan)
