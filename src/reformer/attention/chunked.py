@@ -161,34 +161,41 @@ def _scores(q, k, plan: ChunkPlan, q_rows, k_rows, block) -> torch.Tensor:
     only itself, and there ``dP - D = g.v_self - g.v_self`` is zero.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q)).mul_(LOG2E)
-    if plan.causal:
+    own_bucket = plan.bucket_ids is not None
+    if plan.causal and not own_bucket:  # own_bucket implies it: a bucket is sorted by position
         scores.masked_fill_(q_rows[:, :, None] < k_rows[:, None, :], MASK_VALUE * LOG2E)
     if plan.key_valid is not None:
         scores.masked_fill_(~_take(plan.key_valid, k_rows)[:, None, :], MASK_VALUE * LOG2E)
+    if own_bucket:
+        return _mask_outside_own_bucket(scores, plan, block)
     if plan.self_mask:
         scores.masked_fill_(q_rows[:, :, None] == k_rows[:, None, :], SELF_MASK_VALUE * LOG2E)
-    if plan.bucket_ids is not None:
-        scores.masked_fill_(_outside_own_bucket(plan, block), MASK_VALUE * LOG2E)
     return scores
 
 
-def _outside_own_bucket(plan: ChunkPlan, block: torch.Tensor) -> torch.Tensor:
-    """Bool ``(n, chunk, window * chunk)``, True for keys the ``own_bucket`` rule hides from the queries
-    of the chunks in ``block``: another bucket, a later or more than ``bucket_window`` sorted places
-    earlier entry, or a neighbour slot that wrapped around (to another round, or to a later chunk)."""
+def _mask_outside_own_bucket(scores: torch.Tensor, plan: ChunkPlan, block: torch.Tensor) -> torch.Tensor:
+    """The self mask and the ``own_bucket`` rule on the scores ``(n, chunk, window * chunk)`` of the
+    chunks in ``block``: keys of another bucket, later or more than ``bucket_window`` sorted places
+    earlier, or in a neighbour slot that wrapped around (to another round, or onto a later chunk) get
+    the mask value."""
     n, chunk = block.shape[0], plan.chunk_rows.shape[1]
     window = plan.neighbours.shape[1]
     per_slice = plan.chunk_rows.shape[0] // plan.slices
     k_chunks = plan.neighbours.index_select(0, block) + (block - block % per_slice)[:, None]
     q_bucket = plan.bucket_ids.index_select(0, block)
-    k_bucket = plan.bucket_ids.index_select(0, k_chunks.reshape(-1)).view(n, window * chunk)
-    # Sorted distance from query i to key j of slot s (unwrapped): i - j + (before - s) * chunk.
+    k_bucket = plan.bucket_ids.index_select(0, k_chunks.reshape(-1)).view(n, window, chunk)
+    k_bucket = k_bucket.masked_fill(~plan.slot_ok.index_select(0, block)[..., None], -1).view(n, -1)
+    # Sorted distance from query i to key j of slot s (unwrapped): i - j + (before - s) * chunk; the
+    # query's own key is the one at distance 0.
     offset = torch.arange(chunk, device=block.device)
     slot_start = (plan.before - torch.arange(window, device=block.device)) * chunk
     distance = (offset[:, None, None] - offset + slot_start[:, None]).view(chunk, window * chunk)
-    too_far = (distance < 0) | (distance > plan.bucket_window)
-    wrapped = ~plan.slot_ok.index_select(0, block).repeat_interleave(chunk, dim=1)
-    return (q_bucket[:, :, None] != k_bucket[:, None, :]) | too_far | wrapped[:, None, :]
+    if plan.self_mask:
+        scores.masked_fill_(distance == 0, SELF_MASK_VALUE * LOG2E)
+    hidden = (q_bucket[:, :, None] != k_bucket[:, None, :]) | (
+        (distance < 0) | (distance > plan.bucket_window)
+    )
+    return scores.masked_fill_(hidden, MASK_VALUE * LOG2E)
 
 
 def _block_rows(plan: ChunkPlan, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -234,7 +234,7 @@ def lsh_attention(
             slot_ok = unwrapped_slots(neighbours, chunks, n_chunks_before)
             plan = dataclasses.replace(
                 plan,
-                bucket_ids=sorted_buckets.reshape(-1, bucket_size),
+                bucket_ids=sorted_buckets.reshape(-1, bucket_size).to(torch.int32),
                 slot_ok=slot_ok[:, None].expand(batch, heads, -1, -1).reshape(-1, slot_ok.shape[-1]),
                 bucket_window=n_chunks_before * bucket_size,
                 before=n_chunks_before,
