@@ -245,3 +245,23 @@ def test_settings_are_checked_and_round_trip(tmp_path):
     assert ReformerConfig().lsh_key_rule == "chunks"
     with pytest.raises(NotImplementedError, match="lsh_key_rule"):  # no decoding path for the rule yet
         model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=1)
+
+
+def test_bfloat16_follows_float32_on_the_same_buckets():
+    """The masks do not depend on the dtype: bfloat16 outputs and gradients follow float32 when the buckets
+    of the float32 call are replayed (bfloat16 rounding alone would move some positions to other buckets)."""
+    qk, v, mask = _inputs(2, 2, 40, 16, seed=4, n_pad=5)
+    kw = dict(bucket_size=8, n_hashes=2, n_buckets=4, causal=True, key_rule="own_bucket", attention_mask=mask)
+    qk32, v32 = qk.float().requires_grad_(True), v.float().requires_grad_(True)
+    ref, idx, buckets = lsh_attention(
+        qk32, v32, hash_seed=1, return_sort_indices=True, return_sorted_buckets=True, **kw
+    )
+    qk16, v16 = qk.bfloat16().requires_grad_(True), v.bfloat16().requires_grad_(True)
+    out = lsh_attention(qk16, v16, sort_indices=idx, sorted_buckets=buckets, **kw)
+    assert out.dtype == torch.bfloat16
+    keep = mask[:, None, :, None].float()
+    torch.testing.assert_close(out.float() * keep, ref * keep, atol=0.05, rtol=0.02)
+    (ref * keep).sum().backward()
+    (out.float() * keep).sum().backward()
+    for got, want in ((qk16.grad, qk32.grad), (v16.grad, v32.grad)):
+        torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
