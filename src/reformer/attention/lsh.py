@@ -343,5 +343,5 @@ class LSHSelfAttention(SelfAttentionBase):
         )  # fmt: skip
         replay["sort_indices"] = sort_indices
         if own_bucket:
-            replay["sorted_buckets"] = sorted_buckets[0]
+            replay["sorted_buckets"] = sorted_buckets[0].to(torch.int32)  # kept per layer until backward
         return self.output(out)
