@@ -29,6 +29,11 @@ keys get ``-1e9``, the query's own key ``-1e5``. For float32 inputs every ``tl.d
 results match the PyTorch path to rounding. For bfloat16/float16 the round merge and the
 cross-round gradient sums are stored in the input dtype (float32 inside a tile).
 
+With ``key_rule="own_bucket"`` (truly causal LSH) the kernels also read the sorted bucket ids and mask,
+as ``chunked._mask_outside_own_bucket`` does, keys of another bucket, keys more than
+``before * bucket_size`` sorted places before the query, and neighbour slots that wrapped around; such
+sequences are hashed and run on the kernels even when they fit in one chunk.
+
 Input checks, padding, rotations and the replay of sort indices are :func:`reformer.lsh_attention`'s,
 shared with the PyTorch path: with ``backend="triton"`` it hashes with ``hash_sort_indices`` and hands
 the padded, sorted problem to :func:`fused_lsh_core`. Not covered by the kernels, and delegated to the
