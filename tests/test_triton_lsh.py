@@ -192,3 +192,37 @@ def test_half_precision_is_as_accurate_as_the_torch_path(dtype):
         err_fused = (got.float() - want).abs().max().item()
         err_torch = (torch_half.float() - want).abs().max().item()
         assert err_fused <= 2 * err_torch + 1e-2 * want.abs().max().item(), (err_fused, err_torch)
+
+
+@pytest.mark.parametrize(
+    ("length", "bucket", "n_hashes", "n_buckets", "before", "n_pad"),
+    [
+        # these two catch a dropped bucket, distance or wrapped-slot mask and a wrong dK/dV slot gap
+        (37, 8, 3, (2, 4), 1, 5),
+        (6, 8, 2, 4, 1, 0),
+        pytest.param(40, 8, 2, 4, 1, 0, marks=pytest.mark.slow),
+        pytest.param(44, 4, 2, 2, 2, 3, marks=pytest.mark.slow),
+    ],
+)
+def test_own_bucket_rule_equals_the_torch_path(length, bucket, n_hashes, n_buckets, before, n_pad):
+    """key_rule='own_bucket': the kernels' same-bucket, sorted-distance and unwrapped-slot masks."""
+    qk, v = _inputs(2, 2, length, 16, seed=length)
+    mask = _padding_mask(2, length, n_pad)
+    kw = dict(
+        bucket_size=bucket, n_hashes=n_hashes, n_buckets=n_buckets, causal=True, key_rule="own_bucket",
+        n_chunks_before=before, attention_mask=mask, hash_seed=3,
+    )  # fmt: skip
+    ref, idx_ref, buckets_ref = lsh_attention(
+        qk, v, backend="torch", return_sort_indices=True, return_sorted_buckets=True, **kw
+    )
+    out, idx, buckets = lsh_attention(
+        qk, v, backend="triton", return_sort_indices=True, return_sorted_buckets=True, **kw
+    )
+    assert torch.equal(idx, idx_ref) and torch.equal(buckets, buckets_ref)  # the fused hash's buckets
+    keep = mask[:, None, :, None]
+    torch.testing.assert_close(out * keep, ref * keep, atol=1e-4, rtol=1e-4)
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE) * keep
+    grads_ref = torch.autograd.grad((ref * weight).sum(), (qk, v))
+    grads = torch.autograd.grad((out * weight).sum(), (qk, v))
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

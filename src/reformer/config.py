@@ -12,6 +12,9 @@ from .files import atomic_write_text
 
 ATTENTION_KINDS = ("lsh", "local", "full")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+# Which keys a query sees in an LSH round: "chunks" (trax/HF: its sorted chunk and the neighbour chunks)
+# or "own_bucket" (truly causal: the last W earlier keys of its own bucket); see lsh_attention.
+KEY_RULES = ("chunks", "own_bucket")
 
 
 def _is_even_positive(n: Any) -> bool:
@@ -28,6 +31,13 @@ class ReformerConfig:
     factors (factorised hashing for very long inputs). ``hash_seed`` fixes the hash rotations for
     every call, training included (as HF transformers does); when ``None`` they are fresh on every
     training step and deterministic in eval mode.
+
+    ``lsh_key_rule`` picks which keys an LSH query sees: ``"chunks"`` (default; trax/HF, where the keys
+    of position i also depend on the buckets of later tokens) or ``"own_bucket"`` (truly causal: the
+    last ``lsh_chunks_before * bucket_size`` earlier keys of its own bucket, so outputs at positions
+    < n never depend on tokens after n). With ``"own_bucket"`` and ``n_buckets=None`` the bucket count
+    is chosen from ``max_seq_len`` (about two buckets per chunk at that length), not from the length
+    of the input, which would make it depend on later tokens.
     """
 
     vocab_size: int = 256
@@ -45,6 +55,7 @@ class ReformerConfig:
     n_hashes: int = 2
     lsh_chunks_before: int = 1
     lsh_chunks_after: int = 0
+    lsh_key_rule: str = "chunks"
     hash_seed: int | None = None
     # local attention
     local_chunk_size: int = 128
@@ -105,6 +116,7 @@ class ReformerConfig:
             if kind not in ATTENTION_KINDS:
                 raise ValueError(f"attn_layers entry {kind!r} is unknown; use one of {ATTENTION_KINDS}")
         validate_n_buckets(self.n_buckets)
+        validate_key_rule(self.lsh_key_rule, self.causal)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is unknown; use one of {ACTIVATIONS}")
         for name in ("dropout", "attn_dropout", "local_attn_dropout"):
@@ -192,6 +204,20 @@ def validate_n_buckets(n_buckets: int | tuple[int, ...] | list[int] | None) -> N
         raise ValueError(
             f"n_buckets={n_buckets!r} must be None (automatic), an even integer >= 2, "
             "or a list of even integers >= 2 (factorised buckets)"
+        )
+
+
+def validate_key_rule(key_rule: str, causal: bool, n_buckets: Any = 0) -> None:
+    """Check an LSH ``key_rule`` (see ``KEY_RULES``): ``"own_bucket"`` needs ``causal`` and, where
+    ``n_buckets`` is given as None (functional level), an explicit count."""
+    if key_rule not in KEY_RULES:
+        raise ValueError(f"key_rule={key_rule!r} is unknown; use one of {KEY_RULES}")
+    if key_rule == "own_bucket" and not causal:
+        raise ValueError("key_rule='own_bucket' is a causal rule; set causal=True or use key_rule='chunks'")
+    if key_rule == "own_bucket" and n_buckets is None:
+        raise ValueError(
+            "key_rule='own_bucket' needs a fixed n_buckets: the automatic count depends on the length, so "
+            "later tokens would change earlier outputs; pass e.g. auto_n_buckets(max_length, bucket_size)"
         )
 
 

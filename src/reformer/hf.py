@@ -97,6 +97,11 @@ def config_to_hf_dict(config: ReformerConfig) -> dict[str, Any]:
         raise ValueError(
             "HF's Reformer has no full-attention layer; attn_layers may only hold 'lsh' and 'local'"
         )
+    if config.lsh_key_rule != "chunks" and "lsh" in config.attn_layers:
+        raise ValueError(
+            f"HF's Reformer has only the 'chunks' LSH rule; lsh_key_rule={config.lsh_key_rule!r} cannot be "
+            "converted (train with lsh_key_rule='chunks' to export)"
+        )
     n_buckets = config.n_buckets
     return dict(
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_attention_heads=config.n_heads,

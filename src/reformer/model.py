@@ -16,6 +16,7 @@ from .config import ReformerConfig
 from .embeddings import AxialPositionEmbedding, ReformerEmbeddings
 from .feedforward import FeedForward
 from .files import atomic_write, atomic_write_text
+from .hashing import auto_n_buckets
 from .reversible import ReformerBlock, ReversibleSequence
 
 CONFIG_FILE = "config.json"
@@ -27,9 +28,12 @@ EVAL_HASH_SEED_BASE = 1_000_003
 def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
     common = dict(d_head=cfg.d_head, causal=cfg.causal, attn_dropout=cfg.attn_dropout, dropout=cfg.dropout)
     if kind == "lsh":
+        n_buckets = cfg.n_buckets
+        if n_buckets is None and cfg.lsh_key_rule == "own_bucket":  # fixed: a prefix must not change it
+            n_buckets = auto_n_buckets(cfg.max_seq_len, cfg.bucket_size)
         return LSHSelfAttention(
             cfg.d_model, cfg.n_heads, bucket_size=cfg.bucket_size, n_hashes=cfg.n_hashes,
-            n_buckets=cfg.n_buckets, n_chunks_before=cfg.lsh_chunks_before,
+            n_buckets=n_buckets, key_rule=cfg.lsh_key_rule, n_chunks_before=cfg.lsh_chunks_before,
             n_chunks_after=cfg.lsh_chunks_after, hash_seed=cfg.hash_seed,
             eval_hash_seed=EVAL_HASH_SEED_BASE + layer, **common,
         )  # fmt: skip
@@ -244,6 +248,12 @@ class ReformerLM(nn.Module):
         are exactly equal. ``hf_compatible=True`` makes the cached LSH step follow HF transformers' rule
         (which differs from the chunked computation) so that converted models generate HF's tokens.
         """
+        if self.config.lsh_key_rule != "chunks" and "lsh" in self.config.attn_layers:
+            raise NotImplementedError(
+                f"generate() follows the 'chunks' LSH rule only; lsh_key_rule={self.config.lsh_key_rule!r} "
+                "has no decoding path yet (score prefixes with forward(), whose outputs do not depend on "
+                "later tokens under this rule)"
+            )
         from .generation import generate
 
         return generate(

@@ -43,6 +43,15 @@ class ChunkPlan:
         rounds: hash rounds per slice (1 for local and exact attention).
         causal: mask keys at later positions than the query.
         self_mask: give a query's own key the low score -1e5 (shared-QK attention).
+        bucket_ids: ``(slices * rounds * chunks, chunk)`` int64 bucket of every entry of ``chunk_rows``,
+            or None. When given (the ``own_bucket`` rule of causal LSH attention), a query sees only keys
+            of its own bucket at most ``bucket_window`` sorted places before it, in its own round and
+            through unwrapped neighbour slots (``slot_ok``): keys that depend only on earlier positions.
+        slot_ok: ``(slices * rounds * chunks, window)`` bool, True where neighbour slot ``s`` of a
+            query chunk holds the chunk ``s - before`` places after it in the same round (no wrap).
+        bucket_window: W, the sorted distance limit of ``bucket_ids`` (queries see W earlier keys).
+        before: neighbour chunks before a query chunk (the sorted distance of slot ``s`` is
+            ``(before - s) * chunk`` plus the in-chunk offsets).
     """
 
     chunk_rows: torch.Tensor
@@ -52,6 +61,10 @@ class ChunkPlan:
     rounds: int
     causal: bool
     self_mask: bool
+    bucket_ids: torch.Tensor | None = None
+    slot_ok: torch.Tensor | None = None
+    bucket_window: int = 0
+    before: int = 0
 
     @classmethod
     def shared_by_heads(
@@ -127,12 +140,24 @@ def chunk_neighbours(
     return torch.where(is_real, mapped, plain)
 
 
+def unwrapped_slots(neighbours: torch.Tensor, chunks: int, before: int) -> torch.Tensor:
+    """Bool ``(batch, rounds * chunks, window)``: True where slot ``s`` of chunk ``i`` of
+    :func:`chunk_neighbours`' table holds chunk ``i + s - before`` of the same round, i.e. where the
+    window did not wrap around a round's end (nor skip padding chunks)."""
+    _, n, window = neighbours.shape
+    ids = torch.arange(n, device=neighbours.device)
+    rnd, pos = ids // chunks, ids % chunks
+    wanted = pos[:, None] + torch.arange(-before, window - before, device=neighbours.device)
+    in_round = (wanted >= 0) & (wanted < chunks)
+    return in_round & (neighbours == (rnd * chunks)[:, None] + wanted)
+
+
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Softmax statistics and accumulators: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _scores(q, k, plan: ChunkPlan, q_rows, k_rows) -> torch.Tensor:
+def _scores(q, k, plan: ChunkPlan, q_rows, k_rows, block) -> torch.Tensor:
     """Masked scores ``(n, chunk, window*chunk)`` in base 2 (``log2(e) * q.k``), at least float32.
 
     Masked entries are constants, and in the backward pass their gradient vanishes without being
@@ -140,13 +165,41 @@ def _scores(q, k, plan: ChunkPlan, q_rows, k_rows) -> torch.Tensor:
     only itself, and there ``dP - D = g.v_self - g.v_self`` is zero.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q)).mul_(LOG2E)
-    if plan.causal:
+    own_bucket = plan.bucket_ids is not None
+    if plan.causal and not own_bucket:  # own_bucket implies it: a bucket is sorted by position
         scores.masked_fill_(q_rows[:, :, None] < k_rows[:, None, :], MASK_VALUE * LOG2E)
     if plan.key_valid is not None:
         scores.masked_fill_(~_take(plan.key_valid, k_rows)[:, None, :], MASK_VALUE * LOG2E)
+    if own_bucket:
+        return _mask_outside_own_bucket(scores, plan, block)
     if plan.self_mask:
         scores.masked_fill_(q_rows[:, :, None] == k_rows[:, None, :], SELF_MASK_VALUE * LOG2E)
     return scores
+
+
+def _mask_outside_own_bucket(scores: torch.Tensor, plan: ChunkPlan, block: torch.Tensor) -> torch.Tensor:
+    """The self mask and the ``own_bucket`` rule on the scores ``(n, chunk, window * chunk)`` of the
+    chunks in ``block``: keys of another bucket, later or more than ``bucket_window`` sorted places
+    earlier, or in a neighbour slot that wrapped around (to another round, or onto a later chunk) get
+    the mask value."""
+    n, chunk = block.shape[0], plan.chunk_rows.shape[1]
+    window = plan.neighbours.shape[1]
+    per_slice = plan.chunk_rows.shape[0] // plan.slices
+    k_chunks = plan.neighbours.index_select(0, block) + (block - block % per_slice)[:, None]
+    q_bucket = plan.bucket_ids.index_select(0, block)
+    k_bucket = plan.bucket_ids.index_select(0, k_chunks.reshape(-1)).view(n, window, chunk)
+    k_bucket = k_bucket.masked_fill(~plan.slot_ok.index_select(0, block)[..., None], -1).view(n, -1)
+    # Sorted distance from query i to key j of slot s (unwrapped): i - j + (before - s) * chunk; the
+    # query's own key is the one at distance 0.
+    offset = torch.arange(chunk, device=block.device)
+    slot_start = (plan.before - torch.arange(window, device=block.device)) * chunk
+    distance = (offset[:, None, None] - offset + slot_start[:, None]).view(chunk, window * chunk)
+    if plan.self_mask:
+        scores.masked_fill_(distance == 0, SELF_MASK_VALUE * LOG2E)
+    hidden = (q_bucket[:, :, None] != k_bucket[:, None, :]) | (
+        (distance < 0) | (distance > plan.bucket_window)
+    )
+    return scores.masked_fill_(hidden, MASK_VALUE * LOG2E)
 
 
 def _block_rows(plan: ChunkPlan, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +240,7 @@ class _ChunkedAttention(torch.autograd.Function):
         per_round = len(blocks) // plan.rounds
         for i, block in enumerate(blocks):
             q_rows, k_rows = _block_rows(plan, block)
-            scores = _scores(_take(q, q_rows), _take(k, k_rows), plan, q_rows, k_rows)
+            scores = _scores(_take(q, q_rows), _take(k, k_rows), plan, q_rows, k_rows, block)
             # Softmax with a single exp pass; the 1/sum is applied to the (smaller) output.
             row_max = scores.amax(dim=-1, keepdim=True)
             weights = scores.sub_(row_max).exp2_()
@@ -232,7 +285,7 @@ class _ChunkedAttention(torch.autograd.Function):
             q_rows, k_rows = _block_rows(plan, block)
             q_blk, k_blk, v_blk = _take(q, q_rows), _take(k, k_rows), _take(v, k_rows)
             g_blk = _take(grad_out, q_rows)
-            scores = _scores(q_blk, k_blk, plan, q_rows, k_rows)
+            scores = _scores(q_blk, k_blk, plan, q_rows, k_rows, block)
             # One softmax over all rounds: P = 2**(s - LSE_total), all in base 2.
             probs = scores.sub_(_take(total_lse, q_rows)[..., None]).exp2_()
             grad_probs = torch.matmul(g_blk, v_blk.transpose(-1, -2)).to(acc_dtype)

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 
 import torch
 
-from ..config import validate_n_buckets
-from ..hashing import auto_n_buckets, bucket_factors, draw_rotations, hash_vectors, sort_by_bucket
+from ..config import validate_key_rule, validate_n_buckets
+from ..hashing import (
+    auto_n_buckets,
+    bucket_factors,
+    draw_rotations,
+    hash_vectors,
+    sort_by_bucket,
+    total_buckets,
+)
 from .base import SelfAttentionBase
-from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed, flat_rows
+from .chunked import (
+    ChunkPlan,
+    chunk_neighbours,
+    chunked_attention,
+    draw_call_seed,
+    flat_rows,
+    unwrapped_slots,
+)
 from .masks import check_attention_inputs, pad_to_multiple
 
 BACKENDS = ("auto", "torch", "triton")
@@ -46,7 +61,8 @@ def lsh_sort_indices(
     rotations: torch.Tensor | None = None,
     seed: int | None = None,
     fused: bool = False,
-) -> torch.Tensor:
+    return_buckets: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Hash ``qk`` and sort every round by (bucket, position).
 
     Args:
@@ -55,9 +71,10 @@ def lsh_sort_indices(
         rotations: ``(heads, head_dim, n_hashes, sum(factors) // 2)``; drawn (from ``seed`` if given)
             when None.
         fused: hash with the Triton kernel (argmax in the matmul's epilogue) where it applies.
+        return_buckets: also return the bucket of every sorted entry (padding: ``prod(factors)``).
 
     Returns:
-        ``(batch, heads, n_hashes, length)`` int64 positions.
+        ``(batch, heads, n_hashes, length)`` int64 positions (and the sorted buckets, same shape).
     """
     _, heads, _, head_dim = qk.shape
     if rotations is None:
@@ -66,9 +83,16 @@ def lsh_sort_indices(
         from . import triton_lsh
 
         if len(bucket_factors(n_buckets)) <= triton_lsh.MAX_FACTORS:
-            return triton_lsh.hash_sort_indices(qk.detach(), rotations, n_buckets, key_padding_mask)
+            return triton_lsh.hash_sort_indices(
+                qk.detach(), rotations, n_buckets, key_padding_mask, return_buckets=return_buckets
+            )
     buckets = hash_vectors(qk.detach(), rotations, n_buckets)
-    return sort_by_bucket(buckets, key_padding_mask)
+    indices = sort_by_bucket(buckets, key_padding_mask)
+    if not return_buckets:
+        return indices
+    if key_padding_mask is not None:
+        buckets = buckets.masked_fill(~key_padding_mask[:, None, None, :], total_buckets(n_buckets))
+    return indices, buckets.gather(-1, indices)
 
 
 def lsh_attention(
@@ -79,6 +103,7 @@ def lsh_attention(
     n_hashes: int = 4,
     n_buckets: int | tuple[int, ...] | None = None,
     causal: bool = False,
+    key_rule: str = "chunks",
     attention_mask: torch.Tensor | None = None,
     n_chunks_before: int = 1,
     n_chunks_after: int = 0,
@@ -88,8 +113,10 @@ def lsh_attention(
     hash_seed: int | None = None,
     sort_indices: torch.Tensor | None = None,
     return_sort_indices: bool = False,
+    sorted_buckets: torch.Tensor | None = None,
+    return_sorted_buckets: bool = False,
     backend: str = "torch",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Shared-QK LSH attention of every position over the chunks its hash buckets fall in.
 
     Positions are hashed ``n_hashes`` times, sorted by (bucket, position) in each round, and cut into
@@ -98,12 +125,24 @@ def lsh_attention(
     no query sees a later position. The rounds are combined with their log-sum-exp weights.
     Sequences up to ``bucket_size`` long get exact shared-QK attention (one chunk, no hashing).
 
+    ``key_rule`` says which keys a query sees in a round:
+
+    * ``"chunks"`` (trax/HF): every key of its sorted chunk and the neighbour chunks. Causal or not, which
+      keys those are depends on the buckets of later tokens: they sort in among earlier ones and shift
+      every chunk boundary after them.
+    * ``"own_bucket"`` (truly causal; needs ``causal=True`` and a fixed ``n_buckets``): the last
+      ``W = n_chunks_before * bucket_size`` earlier keys of its own bucket (and its own key, under the
+      self-mask rule), which lie in its chunk and the ``n_chunks_before`` before it. They depend only on
+      positions up to the query's own, so outputs at positions < n do not change when tokens after n
+      are added. Short sequences are hashed too (exact attention would not be a prefix of the rule).
+
     Args:
         qk: ``(batch, heads, length, head_dim)`` shared queries/keys (keys are normalised here).
         v: ``(batch, heads, length, head_dim_v)`` values.
         n_buckets: an even integer or even factors; None picks about two buckets per chunk of each
             row's own real length (without ``attention_mask``: of ``length``), so padding does not change
-            a row's buckets; rows of different counts are hashed group by group.
+            a row's buckets; rows of different counts are hashed group by group. None is not allowed with
+            ``key_rule="own_bucket"``, where a length-dependent count would break prefix consistency.
         attention_mask: ``(batch, length)``, nonzero/True for real tokens, zero/False for padding.
         dropout_p: dropout on the attention probabilities; ``dropout_seed`` makes it replayable.
         rotations: explicit hash rotations ``(heads, head_dim, n_hashes, sum(factors) // 2)``.
@@ -111,18 +150,25 @@ def lsh_attention(
             either the seed is drawn once from the default generator.
         sort_indices: ``(batch, heads, n_hashes, padded_length)`` from an earlier call, to replay it.
         return_sort_indices: also return the sort indices used (None for the exact short path).
+        sorted_buckets: ``(batch, heads, n_hashes, padded_length)`` the bucket of every sorted entry,
+            from an earlier call with ``return_sorted_buckets``; ``own_bucket`` replays need it along
+            with ``sort_indices``.
+        return_sorted_buckets: also return the sorted buckets (after the sort indices, if asked).
         backend: ``"torch"`` (default), ``"triton"`` (fused kernels,
             :mod:`reformer.attention.triton_lsh`) or ``"auto"`` (Triton on CUDA when installed, PyTorch
             elsewhere).
 
     Returns:
-        ``(batch, heads, length, head_dim_v)`` in ``v``'s dtype (and the sort indices if asked).
+        ``(batch, heads, length, head_dim_v)`` in ``v``'s dtype (and the sort indices and sorted
+        buckets if asked).
     """
     backend = resolve_backend(backend, qk.device)
     key_valid = check_attention_inputs(qk, v, attention_mask, "qk")
     if n_hashes < 1:
         raise ValueError(f"n_hashes={n_hashes} must be at least 1")
     validate_n_buckets(n_buckets)
+    validate_key_rule(key_rule, causal, n_buckets)
+    own_bucket = key_rule == "own_bucket"
     if backend == "triton":
         from . import triton_lsh
 
@@ -134,11 +180,11 @@ def lsh_attention(
     keys = normalize_keys(qk)
     user_valid = key_valid
 
-    if length <= bucket_size:  # one chunk holds everything: exact attention, as trax and HF do
+    if length <= bucket_size and not own_bucket:  # one chunk holds everything: exact, as trax and HF do
         plan = _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask=True, device=qk.device)
         out = chunked_attention(flat_rows(qk), flat_rows(keys), flat_rows(v), plan, dropout_p, dropout_seed)
         out = out.view(batch, heads, length, v.shape[-1])
-        return (out, None) if return_sort_indices else out
+        return _with_extras(out, None, None, return_sort_indices, return_sorted_buckets)
 
     padded = -(-length // bucket_size) * bucket_size
     chunks = padded // bucket_size
@@ -147,18 +193,34 @@ def lsh_attention(
         if rotations is None and hash_seed is None:
             hash_seed = draw_call_seed()  # one draw per call, whatever the rows' bucket counts
         hash_kw = dict(n_hashes=n_hashes, rotations=rotations, seed=hash_seed, fused=backend == "triton")
+        sorted_buckets = None
         if n_buckets is None and rotations is None and user_valid is not None:
             sort_indices = _sort_indices_by_own_length(
                 qk_p, key_valid, user_valid.sum(-1), bucket_size, hash_kw
             )
         else:
             n_buckets = n_buckets if n_buckets is not None else auto_n_buckets(padded, bucket_size)
-            sort_indices = lsh_sort_indices(qk_p, n_buckets=n_buckets, key_padding_mask=key_valid, **hash_kw)
-    elif sort_indices.shape != (batch, heads, n_hashes, padded):
-        raise ValueError(
-            f"sort_indices has shape {tuple(sort_indices.shape)}, expected "
-            f"{(batch, heads, n_hashes, padded)} for this input and n_hashes={n_hashes}"
-        )
+            sorted_ = lsh_sort_indices(
+                qk_p,
+                n_buckets=n_buckets,
+                key_padding_mask=key_valid,
+                return_buckets=own_bucket or return_sorted_buckets,
+                **hash_kw,
+            )
+            sort_indices, sorted_buckets = sorted_ if isinstance(sorted_, tuple) else (sorted_, None)
+    else:
+        expected = (batch, heads, n_hashes, padded)
+        if sort_indices.shape != expected:
+            raise ValueError(
+                f"sort_indices has shape {tuple(sort_indices.shape)}, expected "
+                f"{expected} for this input and n_hashes={n_hashes}"
+            )
+        if own_bucket and (sorted_buckets is None or sorted_buckets.shape != expected):
+            got = None if sorted_buckets is None else tuple(sorted_buckets.shape)
+            raise ValueError(
+                f"key_rule='own_bucket' replays need sorted_buckets of shape {expected} with "
+                f"sort_indices (got {got}); pass return_sorted_buckets=True to the call that made them"
+            )
 
     real_chunks = None
     if key_valid is not None:
@@ -169,7 +231,7 @@ def lsh_attention(
             raise TypeError(f"backend='triton' needs qk and v of one dtype, got {qk.dtype} and {v.dtype}")
         out = triton_lsh.fused_lsh_core(
             qk_p, keys_p, v_p, sort_indices, real_chunks, key_valid, bucket_size=bucket_size, causal=causal,
-            window=window,
+            window=window, sorted_buckets=sorted_buckets if own_bucket else None,
         )  # fmt: skip
     else:
         slices = batch * heads
@@ -177,11 +239,25 @@ def lsh_attention(
         chunk_rows = (sort_indices + offsets).view(slices * n_hashes * chunks, bucket_size)
         neighbours = chunk_neighbours(real_chunks, batch, n_hashes, chunks, *window, qk.device)
         plan = ChunkPlan.shared_by_heads(chunk_rows, neighbours, key_valid, heads, n_hashes, causal, True)
+        if own_bucket:
+            slot_ok = unwrapped_slots(neighbours, chunks, n_chunks_before)
+            plan = dataclasses.replace(
+                plan,
+                bucket_ids=sorted_buckets.reshape(-1, bucket_size).to(torch.int32),
+                slot_ok=slot_ok[:, None].expand(batch, heads, -1, -1).reshape(-1, slot_ok.shape[-1]),
+                bucket_window=n_chunks_before * bucket_size,
+                before=n_chunks_before,
+            )
         out = chunked_attention(
             flat_rows(qk_p), flat_rows(keys_p), flat_rows(v_p), plan, dropout_p, dropout_seed
         ).view(batch, heads, padded, v.shape[-1])
     out = out[:, :, :length]
-    return (out, sort_indices) if return_sort_indices else out
+    return _with_extras(out, sort_indices, sorted_buckets, return_sort_indices, return_sorted_buckets)
+
+
+def _with_extras(out, sort_indices, sorted_buckets, return_sort_indices, return_sorted_buckets):
+    extras = (sort_indices,) * return_sort_indices + (sorted_buckets,) * return_sorted_buckets
+    return (out, *extras) if extras else out
 
 
 def own_n_buckets(real_length: int, bucket_size: int) -> int | tuple[int, int]:
@@ -228,6 +304,10 @@ class LSHSelfAttention(SelfAttentionBase):
     triton is installed, PyTorch elsewhere); see :func:`lsh_attention`. The default stays ``"torch"``
     until the fused kernels have been checked on a GPU (they are tested on CPU with Triton's interpreter).
 
+    ``key_rule``: ``"chunks"`` (trax/HF) or ``"own_bucket"`` (truly causal: a query sees the last
+    ``n_chunks_before * bucket_size`` earlier keys of its own bucket; needs ``causal`` and an explicit
+    ``n_buckets``); see :func:`lsh_attention`.
+
     Shapes: ``x`` ``(batch, length, d_model)`` -> ``(batch, length, d_model)``.
     """
 
@@ -241,6 +321,7 @@ class LSHSelfAttention(SelfAttentionBase):
         n_hashes: int = 4,
         n_buckets: int | tuple[int, ...] | None = None,
         causal: bool = False,
+        key_rule: str = "chunks",
         n_chunks_before: int = 1,
         n_chunks_after: int = 0,
         attn_dropout: float = 0.0,
@@ -251,10 +332,11 @@ class LSHSelfAttention(SelfAttentionBase):
     ) -> None:
         super().__init__(d_model, n_heads, d_head, dropout)
         validate_n_buckets(n_buckets)
+        validate_key_rule(key_rule, causal, n_buckets)
         resolve_backend(backend, torch.device("cpu"))  # fail early on a bad name or a missing triton
         self.backend = backend
         self.bucket_size, self.n_hashes, self.n_buckets = bucket_size, n_hashes, n_buckets
-        self.causal = causal
+        self.causal, self.key_rule = causal, key_rule
         self.n_chunks_before, self.n_chunks_after = n_chunks_before, n_chunks_after
         self.attn_dropout, self.hash_seed, self.eval_hash_seed = attn_dropout, hash_seed, eval_hash_seed
         self.to_qk, self.to_v = self.projection(), self.projection()
@@ -284,14 +366,18 @@ class LSHSelfAttention(SelfAttentionBase):
         if hash_seed is None:
             hash_seed = call_seed if self.training else self.eval_hash_seed
         replay = {} if replay is None else replay
-        out, sort_indices = lsh_attention(
+        own_bucket = self.key_rule == "own_bucket"
+        out, sort_indices, *sorted_buckets = lsh_attention(
             qk, v,
             bucket_size=self.bucket_size, n_hashes=n_hashes, n_buckets=self.n_buckets, causal=self.causal,
-            attention_mask=attention_mask, n_chunks_before=self.n_chunks_before,
+            key_rule=self.key_rule, attention_mask=attention_mask, n_chunks_before=self.n_chunks_before,
             n_chunks_after=self.n_chunks_after, dropout_p=dropout_p,
             dropout_seed=None if call_seed is None else call_seed + 1,
             hash_seed=hash_seed, sort_indices=replay.get("sort_indices"), return_sort_indices=True,
+            sorted_buckets=replay.get("sorted_buckets"), return_sorted_buckets=own_bucket,
             backend=self.backend,
         )  # fmt: skip
         replay["sort_indices"] = sort_indices
+        if own_bucket:
+            replay["sorted_buckets"] = sorted_buckets[0].to(torch.int32)  # kept per layer until backward
         return self.output(out)

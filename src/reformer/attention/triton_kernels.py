@@ -114,10 +114,16 @@ if triton is not None:
     @triton.jit
     def _masked_scores(
         q, k, qpos, kpos, k_ok, Valid, b, length, mask_value, self_value,
-        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        Bkt, s, qchunk, kchunk, gap, rnd, chunks, n_rounds, window_keys, offs,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
+        OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Scores ``log2(e) * q.k`` (float32) with the causal, padding and self masks of
-        ``chunked._scores``; key columns past the chunk get -inf."""
+        ``chunked._scores``; key columns past the chunk get -inf.
+
+        ``OWN_BUCKET`` adds the masks of ``chunked._outside_own_bucket``: the key chunk must be ``gap``
+        chunks before the query chunk in round ``rnd`` (no wrapped slot), in the query's bucket (``Bkt``,
+        the sorted buckets), and at most ``window_keys`` sorted places before the query."""
         scores = _dot(q, tl.trans(k), PRECISION) * 1.4426950408889634
         if CAUSAL:
             scores = tl.where(qpos[:, None] < kpos[None, :], mask_value, scores)
@@ -125,16 +131,24 @@ if triton is not None:
             valid = tl.load(Valid + b * length + kpos, mask=k_ok, other=0)
             scores = tl.where((valid != 0)[None, :], scores, mask_value)
         scores = tl.where(qpos[:, None] == kpos[None, :], self_value, scores)
+        if OWN_BUCKET:
+            slot_ok = (qchunk - kchunk == gap) & (qchunk // chunks == rnd) & (kchunk // chunks == rnd)
+            qb = _chunk_rows(Bkt, s, qchunk, length, n_rounds, C, offs, k_ok)
+            kb = _chunk_rows(Bkt, s, kchunk, length, n_rounds, C, offs, k_ok)
+            distance = gap * C + offs[:, None] - offs[None, :]
+            seen = (qb[:, None] == kb[None, :]) & (distance >= 0) & (distance <= window_keys) & slot_ok
+            scores = tl.where(seen, scores, mask_value)
         return tl.where(k_ok[None, :], scores, float("-inf"))
 
     @triton.jit
     def fwd_kernel(
-        Q, K, V, Idx, Nbr, Real, Valid, Out, Lse,
-        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        Q, K, V, Idx, Nbr, Real, Valid, Bkt, Out, Lse,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value, before, after, window_keys,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
         C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, FIRST: tl.constexpr, PRECISION: tl.constexpr,
+        OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Round ``rnd`` of the forward pass, persistent over ``slices * chunks`` query-chunk tiles.
 
@@ -179,7 +193,8 @@ if triton is not None:
                     )
                     scores = _masked_scores(
                         q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
-                        CAUSAL, HAS_VALID, PRECISION,
+                        Bkt, s, chunk, kchunk, before - t, rnd, chunks, n_rounds, window_keys, offs,
+                        CAUSAL, HAS_VALID, PRECISION, C, OWN_BUCKET,
                     )  # fmt: skip
                     new_max = tl.maximum(run_max, tl.max(scores, axis=1))
                     scale = tl.exp2(run_max - new_max)
@@ -226,12 +241,12 @@ if triton is not None:
 
     @triton.jit
     def dq_kernel(
-        Q, K, V, G, Idx, Nbr, Real, Valid, Lse, Delta, DQ,
-        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        Q, K, V, G, Idx, Nbr, Real, Valid, Bkt, Lse, Delta, DQ,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value, before, after, window_keys,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_gb, s_gh, s_gl, s_db, s_dh, s_dl,
         C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr, OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Round ``rnd`` of ``dQ``: every query chunk over its neighbour key chunks; adds into ``DQ``."""
         offs = tl.arange(0, BLOCK_C)
@@ -262,7 +277,8 @@ if triton is not None:
                 dq = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
                 nbr_base = Nbr + (b * n_rounds * chunks + chunk) * W
                 for t in tl.static_range(W):
-                    kpos = _chunk_rows(Idx, s, tl.load(nbr_base + t), length, n_rounds, C, offs, row_ok)
+                    kchunk = tl.load(nbr_base + t)
+                    kpos = _chunk_rows(Idx, s, kchunk, length, n_rounds, C, offs, row_ok)
                     k = tl.load(
                         K + b * s_kb + h * s_kh + kpos[:, None] * s_kl + d_offs[None, :], mask=q_ok, other=0.0
                     )
@@ -273,7 +289,8 @@ if triton is not None:
                     )
                     scores = _masked_scores(
                         q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
-                        CAUSAL, HAS_VALID, PRECISION,
+                        Bkt, s, chunk, kchunk, before - t, rnd, chunks, n_rounds, window_keys, offs,
+                        CAUSAL, HAS_VALID, PRECISION, C, OWN_BUCKET,
                     )  # fmt: skip
                     p = tl.exp2(scores - lse[:, None])
                     dp = _dot(g, tl.trans(v), PRECISION)
@@ -285,13 +302,13 @@ if triton is not None:
 
     @triton.jit
     def dkdv_kernel(
-        Q, K, V, G, Idx, Inv, Real, Valid, Lse, Delta, DK, DV_,
-        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value,
+        Q, K, V, G, Idx, Inv, Real, Valid, Bkt, Lse, Delta, DK, DV_,
+        rnd, n_tiles, heads, length, chunks, n_rounds, mask_value, self_value, before, after, window_keys,
         s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_gb, s_gh, s_gl,
         s_dkb, s_dkh, s_dkl, s_dvb, s_dvh, s_dvl,
         C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         DV: tl.constexpr, BLOCK_DV: tl.constexpr, W: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr, OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Round ``rnd`` of ``dK`` and ``dV``: every key chunk over the query chunks that see it
         (``Inv``); adds into ``DK`` and ``DV_``."""
@@ -321,7 +338,8 @@ if triton is not None:
                 dv = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
                 inv_base = Inv + (b * n_rounds * chunks + chunk) * W
                 for t in tl.static_range(W):
-                    qpos = _chunk_rows(Idx, s, tl.load(inv_base + t), length, n_rounds, C, offs, row_ok)
+                    qchunk = tl.load(inv_base + t)
+                    qpos = _chunk_rows(Idx, s, qchunk, length, n_rounds, C, offs, row_ok)
                     q = tl.load(
                         Q + b * s_qb + h * s_qh + qpos[:, None] * s_ql + d_offs[None, :], mask=k_ok, other=0.0
                     )
@@ -334,7 +352,8 @@ if triton is not None:
                     delta = tl.load(Delta + s.to(tl.int64) * length + qpos, mask=row_ok, other=0.0)
                     scores = _masked_scores(
                         q, k, qpos, kpos, row_ok, Valid, b, length, mask_value, self_value,
-                        CAUSAL, HAS_VALID, PRECISION,
+                        Bkt, s, qchunk, chunk, t - after, rnd, chunks, n_rounds, window_keys, offs,
+                        CAUSAL, HAS_VALID, PRECISION, C, OWN_BUCKET,
                     )  # fmt: skip
                     p = tl.where(row_ok[:, None], tl.exp2(scores - lse[:, None]), 0.0)
                     dv += _dot(tl.trans(p.to(g.dtype)), g, PRECISION)

@@ -17,6 +17,11 @@ keys get ``-1e9``, the query's own key ``-1e5``. For float32 inputs every ``tl.d
 results match the PyTorch path to rounding. For bfloat16/float16 the round merge and the
 cross-round gradient sums are stored in the input dtype (float32 inside a tile).
 
+With ``key_rule="own_bucket"`` (truly causal LSH) the kernels also read the sorted bucket ids and mask,
+as ``chunked._mask_outside_own_bucket`` does, keys of another bucket, keys more than
+``before * bucket_size`` sorted places before the query, and neighbour slots that wrapped around; such
+sequences are hashed and run on the kernels even when they fit in one chunk.
+
 Input checks, padding, rotations and the replay of sort indices are :func:`reformer.lsh_attention`'s,
 shared with the PyTorch path: with ``backend="triton"`` it hashes with ``hash_sort_indices`` and hands
 the padded, sorted problem to :func:`fused_lsh_core`. Not covered by the kernels, and delegated to the
@@ -117,7 +122,8 @@ def hash_sort_indices(
     rotations: torch.Tensor,
     n_buckets: int | tuple[int, ...],
     key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_buckets: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused hashing: sort indices by (bucket, position) per round, padding last.
 
     The same result as ``sort_by_bucket(hash_vectors(qk, rotations, n_buckets), key_valid)`` (up to
@@ -130,7 +136,8 @@ def hash_sort_indices(
         key_valid: ``(batch, length)`` bool, True for real tokens, or None.
 
     Returns:
-        ``(batch, heads, n_hashes, length)`` int64 positions.
+        ``(batch, heads, n_hashes, length)`` int64 positions (and, with ``return_buckets``, the bucket of
+        every sorted entry, padding ``prod(factors)``).
     """
     require_triton()
     check_device(qk)
@@ -158,15 +165,20 @@ def hash_sort_indices(
         HAS_VALID=key_valid is not None,
         PRECISION=_float32_precision() if qk.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    return torch.sort(keys, dim=-1).indices
+    sorted_keys, indices = torch.sort(keys, dim=-1)
+    return (indices, sorted_keys // length) if return_buckets else indices
 
 
 class _Plan:
     """Launch settings shared by the forward and backward kernels of one call."""
 
-    def __init__(self, sort_indices, neighbours, inverse, real_chunks, key_valid, causal, chunk):
+    def __init__(
+        self, sort_indices, neighbours, inverse, real_chunks, key_valid, causal, chunk, window, sorted_buckets
+    ):
         batch, heads, n_rounds, length = sort_indices.shape
         self.sort_indices, self.neighbours, self.inverse = sort_indices, neighbours, inverse
+        self.before, self.after = window
+        self.sorted_buckets = sorted_buckets
         self.real_chunks, self.key_valid, self.causal, self.chunk = real_chunks, key_valid, causal, chunk
         self.heads, self.length, self.n_rounds = heads, length, n_rounds
         self.chunks = length // chunk
@@ -176,7 +188,7 @@ class _Plan:
     def common(self, rnd: int) -> tuple:
         return (
             rnd, self.n_tiles, self.heads, self.length, self.chunks, self.n_rounds,
-            MASK_VALUE * LOG2E, SELF_MASK_VALUE * LOG2E,
+            MASK_VALUE * LOG2E, SELF_MASK_VALUE * LOG2E, self.before, self.after, self.before * self.chunk,
         )  # fmt: skip
 
     def meta(self, q: torch.Tensor, v: torch.Tensor) -> dict:
@@ -184,11 +196,16 @@ class _Plan:
             C=self.chunk, BLOCK_C=_block(self.chunk), D=q.shape[-1], BLOCK_D=_block(q.shape[-1]),
             DV=v.shape[-1], BLOCK_DV=_block(v.shape[-1]), W=self.window,
             CAUSAL=self.causal, HAS_VALID=self.key_valid is not None, PRECISION=_precision(q.dtype),
+            OWN_BUCKET=self.sorted_buckets is not None,
         )  # fmt: skip
 
     @property
     def valid(self) -> torch.Tensor:
         return self.key_valid if self.key_valid is not None else self.real_chunks
+
+    @property
+    def bucket_ids(self) -> torch.Tensor:
+        return self.sorted_buckets if self.sorted_buckets is not None else self.sort_indices
 
 
 class _TritonLSHAttention(torch.autograd.Function):
@@ -201,7 +218,8 @@ class _TritonLSHAttention(torch.autograd.Function):
         grid, meta = _grid(plan.n_tiles, q.device), plan.meta(q, v)
         for rnd in range(plan.n_rounds):
             kernels.fwd_kernel[grid](
-                q, k, v, plan.sort_indices, plan.neighbours, plan.real_chunks, plan.valid, out, lse,
+                q, k, v, plan.sort_indices, plan.neighbours, plan.real_chunks, plan.valid, plan.bucket_ids,
+                out, lse,
                 *plan.common(rnd),
                 *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 FIRST=rnd == 0, **meta,
@@ -228,12 +246,12 @@ class _TritonLSHAttention(torch.autograd.Function):
         for rnd in range(plan.n_rounds):
             kernels.dq_kernel[grid](
                 q, k, v, grad_out, plan.sort_indices, plan.neighbours, plan.real_chunks, plan.valid,
-                lse, delta, dq, *plan.common(rnd),
+                plan.bucket_ids, lse, delta, dq, *plan.common(rnd),
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), **meta,
             )  # fmt: skip
             kernels.dkdv_kernel[grid](
                 q, k, v, grad_out, plan.sort_indices, plan.inverse, plan.real_chunks, plan.valid,
-                lse, delta, dk, dv, *plan.common(rnd),
+                plan.bucket_ids, lse, delta, dk, dv, *plan.common(rnd),
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
                 **meta,
             )  # fmt: skip
@@ -251,6 +269,7 @@ def fused_lsh_core(
     bucket_size: int,
     causal: bool,
     window: tuple[int, int],
+    sorted_buckets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention over sorted chunks, fused; :func:`reformer.lsh_attention` prepares its inputs.
 
@@ -261,6 +280,9 @@ def fused_lsh_core(
         real_chunks: ``(batch,)`` chunks per round holding real tokens (None: all of them).
         key_valid: ``(batch, padded_length)`` bool, False for padding, or None.
         window: how many chunks before and after its own each query chunk attends to.
+        sorted_buckets: ``(batch, heads, n_hashes, padded_length)`` int64 bucket of every sorted entry:
+            when given, the ``own_bucket`` rule (a query sees the last ``before * bucket_size`` earlier
+            keys of its own bucket; see :func:`reformer.lsh_attention`).
 
     Returns:
         ``(batch, heads, padded_length, head_dim_v)`` in ``v``'s dtype.
@@ -281,5 +303,7 @@ def fused_lsh_core(
         key_valid=None if key_valid is None else key_valid.to(torch.int8).contiguous(),
         causal=causal,
         chunk=bucket_size,
+        window=window,
+        sorted_buckets=None if sorted_buckets is None else sorted_buckets.contiguous(),
     )
     return _TritonLSHAttention.apply(_unit_last(qk), _unit_last(keys), _unit_last(v), plan)
