@@ -46,6 +46,7 @@ FAST_TESTS = [
     "tests/test_model.py::test_feed_forward_in_chunks_gives_the_loss_and_gradients_of_plain_residuals",
     "tests/test_model.py::test_reversible_backward_rebuilds_inputs_from_outputs",
     "tests/test_model.py::test_padding_does_not_change_real_token_outputs",
+    "tests/test_model.py::test_axial_position_embedding_is_the_row_major_broadcast_concatenation",
     "tests/test_hf.py",
 ]
 
@@ -108,6 +109,17 @@ MUTATIONS = [
         "neighbours of real chunks not mapped back past the all-padding chunks",
     ),
     Mutation(
+        "real-chunks-rounding", "attention/lsh.py",
+        "real_chunks = (key_valid.sum(-1) + bucket_size - 1) // bucket_size",
+        "real_chunks = key_valid.sum(-1) // bucket_size",
+        "chunks holding real tokens counted rounding down (the last, partly real chunk is skipped over)",
+    ),
+    Mutation(
+        "local-key-scale", "attention/local.py",
+        "k = k / math.sqrt(q.shape[-1])", "k = k",
+        "local attention keys not divided by sqrt(head_dim)",
+    ),
+    Mutation(
         "causal-direction", "attention/chunked.py",
         "q_rows[:, :, None] < k_rows[:, None, :]", "q_rows[:, :, None] > k_rows[:, None, :]",
         "causal mask hides the past instead of the future",
@@ -124,7 +136,8 @@ MUTATIONS = [
     ),
     Mutation(
         "dropout-replay", "attention/chunked.py",
-        "generator = _generator(ctx.seed, q.device)", "generator = _generator(ctx.seed + 1, q.device)",
+        "generator = _generator(ctx.seed, q.device)",
+        "generator = _generator(ctx.seed and ctx.seed + 1, q.device)",
         "the attention backward draws other dropout masks than the forward",
     ),
     Mutation(
@@ -193,7 +206,11 @@ def run_tests(src_copy: Path, tests: list[str], timeout: float) -> tuple[str, st
     except subprocess.TimeoutExpired:
         return "timeout", "", time.monotonic() - start
     seconds = time.monotonic() - start
-    failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.MULTILINE)
+    # "FAILED node - Error: message": keep the node and the exception type (a crash is a weak catch).
+    failed = [
+        f"{node} ({reason.split(':')[0]})" if reason else node
+        for node, reason in re.findall(r"^FAILED (\S+)(?: - (.*))?$", proc.stdout, flags=re.MULTILINE)
+    ]
     if proc.returncode == 0:
         return "passed", "", seconds
     if proc.returncode == 1:

@@ -262,3 +262,16 @@ def test_reversible_step_leaves_the_default_generator_as_a_plain_step_does():
         model.loss(ids, ids).backward()
         states.append(torch.get_rng_state())
     assert torch.equal(states[0], states[1])
+
+
+def test_axial_position_embedding_is_the_row_major_broadcast_concatenation():
+    """REFERENCE.md: weight i ``(n_i, e_i)`` broadcast over the other axes, concatenated on features,
+    flattened row-major (the last axis fastest) to prod(n) positions."""
+    from reformer.embeddings import AxialPositionEmbedding
+
+    torch.manual_seed(0)
+    emb = AxialPositionEmbedding((4, 3, 5), (2, 6, 4))
+    parts = [w.expand(4, 3, 5, w.shape[-1]) for w in emb.weights]
+    expected = torch.cat(parts, dim=-1).reshape(60, 12)
+    assert torch.equal(emb(torch.arange(60)), expected)
+    assert torch.equal(emb(torch.tensor([[7, 59]])), expected[[7, 59]][None])
