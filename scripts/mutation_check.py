@@ -17,6 +17,7 @@ Usage (from the repository root; about 1-2 minutes per mutation on an idle 2-cor
     .venv/bin/python scripts/mutation_check.py --list          # names and descriptions
     .venv/bin/python scripts/mutation_check.py lse-merge mask-constant   # a few by name
     .venv/bin/python scripts/mutation_check.py --check         # only check that every snippet matches
+    .venv/bin/python scripts/mutation_check.py --tests tests/test_lsh_oracle.py lse-merge   # other tests
 
 See docs/testing.md for the table of mutations and the tests that catch them.
 """
@@ -198,7 +199,7 @@ def check_snippets(mutations: list[Mutation], src: Path) -> list[str]:
 
 def run_tests(src_copy: Path, tests: list[str], timeout: float) -> tuple[str, str, float]:
     """(``"passed"`` | ``"failed"`` | ``"timeout"`` | ``"error rc=N"``, first failing test, seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(src_copy)}
+    env = {**os.environ, "PYTHONPATH": str(src_copy), "COLUMNS": "400"}  # untruncated FAILED lines
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
     start = time.monotonic()
     try:
@@ -234,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--check", action="store_true", help="only check that every snippet matches")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per test run (default 600)")
-    parser.add_argument("--tests", nargs="+", default=FAST_TESTS, help="pytest targets to run")
+    parser.add_argument(
+        "--tests", action="append", metavar="TARGET",
+        help="a pytest target to run instead of the fast subset (repeat for several)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    args.tests = args.tests or FAST_TESTS
 
     by_name = {m.name: m for m in MUTATIONS}
     unknown = [n for n in args.names if n not in by_name]
