@@ -42,6 +42,31 @@ def test_reversible_gradients_equal_plain_residual_gradients(dropout):
         assert torch.allclose(g_rev[name], g_plain[name], atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize(("dropout", "reference"), [(0.0, {"ff_chunk_size": None}), (0.1, {})])
+def test_feed_forward_in_chunks_gives_the_loss_and_gradients_of_plain_residuals(dropout, reference):
+    """Feed-forward chunks of 16 positions (77 is not a multiple) in the reversible stack, whose backward
+    recomputes them chunk by chunk (``vjp_in_chunks``), against plain residuals: unchunked without
+    dropout, chunked (the same dropout masks) with it."""
+    cfg = small_config(ff_chunk_size=16, dropout=dropout, attn_dropout=dropout)
+    torch.manual_seed(0)
+    chunked = ReformerLM(cfg)
+    plain = ReformerLM(ReformerConfig(**{**cfg.to_dict(), "reversible": False, **reference}))
+    plain.load_state_dict(chunked.state_dict())
+    ids = torch.randint(0, 50, (2, 77))
+    results = []
+    for model in (chunked, plain):
+        model.train()
+        torch.manual_seed(42)
+        loss = model.loss(ids, ids.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    (loss_chunked, g_chunked), (loss_plain, g_plain) = results
+    assert torch.allclose(loss_chunked, loss_plain, atol=1e-6)
+    assert g_chunked.keys() == g_plain.keys()
+    for name in g_chunked:
+        assert torch.allclose(g_chunked[name], g_plain[name], atol=1e-5, rtol=1e-4), name
+
+
 def test_reversible_backward_rebuilds_inputs_from_outputs():
     torch.manual_seed(0)
     block_model = ReformerLM(small_config(n_layers=1, attn_layers=("lsh",)))
@@ -237,3 +262,16 @@ def test_reversible_step_leaves_the_default_generator_as_a_plain_step_does():
         model.loss(ids, ids).backward()
         states.append(torch.get_rng_state())
     assert torch.equal(states[0], states[1])
+
+
+def test_axial_position_embedding_is_the_row_major_broadcast_concatenation():
+    """REFERENCE.md: weight i ``(n_i, e_i)`` broadcast over the other axes, concatenated on features,
+    flattened row-major (the last axis fastest) to prod(n) positions."""
+    from reformer.embeddings import AxialPositionEmbedding
+
+    torch.manual_seed(0)
+    emb = AxialPositionEmbedding((4, 3, 5), (2, 6, 4))
+    parts = [w.expand(4, 3, 5, w.shape[-1]) for w in emb.weights]
+    expected = torch.cat(parts, dim=-1).reshape(60, 12)
+    assert torch.equal(emb(torch.arange(60)), expected)
+    assert torch.equal(emb(torch.tensor([[7, 59]])), expected[[7, 59]][None])

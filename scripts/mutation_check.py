@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Mutation check: do the tests fail when the math is wrong?
+
+For each mutation below (one small, plausible bug: a file under ``src/``, an exact snippet, its
+replacement, and what it breaks), this script copies ``src/`` to a scratch directory, plants that one
+bug, and runs a fast subset of the test suite against the copy (``PYTHONPATH=<scratch>/src``,
+``pytest -x -q``, with a timeout). A mutation is *caught* when the tests fail and *survives* when they
+pass. The unmutated copy runs first and must pass, and must be the copy that gets imported.
+
+Exit status: 0 when every mutation is caught; 1 when one survives, times out or errors; 2 when a
+snippet no longer matches its file exactly once (the code moved: update the snippet), which is checked
+for every mutation before anything runs.
+
+Usage (from the repository root; about 1-2 minutes per mutation on an idle 2-core machine):
+
+    .venv/bin/python scripts/mutation_check.py                 # all mutations
+    .venv/bin/python scripts/mutation_check.py --list          # names and descriptions
+    .venv/bin/python scripts/mutation_check.py lse-merge mask-constant   # a few by name
+    .venv/bin/python scripts/mutation_check.py --check         # only check that every snippet matches
+    .venv/bin/python scripts/mutation_check.py --tests tests/test_lsh_oracle.py lse-merge   # other tests
+
+See docs/testing.md for the table of mutations and the tests that catch them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Ordered so that the quick, sharp tests come first (pytest -x stops at the first failure).
+FAST_TESTS = [
+    "tests/test_hashing.py",
+    "tests/test_lsh_oracle.py",
+    "tests/test_lsh_attention.py",
+    "tests/test_model.py::test_loss_is_mean_cross_entropy_of_logits",
+    "tests/test_model.py::test_reversible_gradients_equal_plain_residual_gradients",
+    "tests/test_model.py::test_feed_forward_in_chunks_gives_the_loss_and_gradients_of_plain_residuals",
+    "tests/test_model.py::test_reversible_backward_rebuilds_inputs_from_outputs",
+    "tests/test_model.py::test_padding_does_not_change_real_token_outputs",
+    "tests/test_model.py::test_axial_position_embedding_is_the_row_major_broadcast_concatenation",
+    "tests/test_hf.py",
+]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to src/reformer
+    old: str
+    new: str
+    description: str
+
+
+MUTATIONS = [
+    Mutation(
+        "mask-constant", "attention/chunked.py",
+        "MASK_VALUE = -1e9", "MASK_VALUE = -1e4",
+        "padding/causal mask above the self mask: a token that sees only itself attends to masked keys",
+    ),
+    Mutation(
+        "self-mask-constant", "attention/chunked.py",
+        "SELF_MASK_VALUE = -1e5", "SELF_MASK_VALUE = -1.0",
+        "the self mask barely masks: tokens attend to themselves",
+    ),
+    Mutation(
+        "key-norm-eps", "attention/lsh.py",
+        "eps: float = 1e-6", "eps: float = 1e-4",
+        "key normalisation epsilon 1e-4 instead of 1e-6",
+    ),
+    Mutation(
+        "key-scale", "attention/lsh.py",
+        "return keys / math.sqrt(qk.shape[-1])", "return keys",
+        "keys not divided by sqrt(head_dim)",
+    ),
+    Mutation(
+        "argmax-tie-break", "hashing.py",
+        "torch.where(top >= -bottom,", "torch.where(top > -bottom,",
+        "argmax(cat([x, -x])) ties resolved to the negative half",
+    ),
+    Mutation(
+        "factor-combination", "hashing.py",
+        "stride *= factor\n", "stride *= factor // 2\n",
+        "factorised bucket ids combined with the wrong stride (buckets collide)",
+    ),
+    Mutation(
+        "sort-tie-break", "hashing.py",
+        "return torch.sort(buckets, dim=-1, stable=True).indices",
+        "return buckets.shape[-1] - 1 - torch.sort(buckets.flip(-1), dim=-1, stable=True).indices",
+        "ties within a bucket sorted by descending position",
+    ),
+    Mutation(
+        "round-wrap", "attention/chunked.py",
+        "plain = (ids[:, None] + deltas) % (rounds * chunks)",
+        "plain = (ids[:, None] // chunks) * chunks + (ids[:, None] % chunks + deltas) % chunks",
+        "the first chunk of a round looks back into its own round's last chunk, not the previous round's",
+    ),
+    Mutation(
+        "padding-chunk-skip", "attention/chunked.py",
+        "mapped = (compact // m) * chunks + compact % m", "mapped = compact",
+        "neighbours of real chunks not mapped back past the all-padding chunks",
+    ),
+    Mutation(
+        "real-chunks-rounding", "attention/lsh.py",
+        "real_chunks = (key_valid.sum(-1) + bucket_size - 1) // bucket_size",
+        "real_chunks = key_valid.sum(-1) // bucket_size",
+        "chunks holding real tokens counted rounding down (the last, partly real chunk is skipped over)",
+    ),
+    Mutation(
+        "local-key-scale", "attention/local.py",
+        "k = k / math.sqrt(q.shape[-1])", "k = k",
+        "local attention keys not divided by sqrt(head_dim)",
+    ),
+    Mutation(
+        "causal-direction", "attention/chunked.py",
+        "q_rows[:, :, None] < k_rows[:, None, :]", "q_rows[:, :, None] > k_rows[:, None, :]",
+        "causal mask hides the past instead of the future",
+    ),
+    Mutation(
+        "padding-mask-skipped", "attention/chunked.py",
+        "if plan.key_valid is not None:", "if False:",
+        "padding keys are not masked",
+    ),
+    Mutation(
+        "lse-merge", "attention/chunked.py",
+        "acc[flat_rows] * old_scale[:, None] + out", "acc[flat_rows] + out",
+        "hash rounds merged without rescaling the earlier rounds (old_scale dropped)",
+    ),
+    Mutation(
+        "dropout-replay", "attention/chunked.py",
+        "generator = _generator(ctx.seed, q.device)",
+        "generator = _generator(ctx.seed and ctx.seed + 1, q.device)",
+        "the attention backward draws other dropout masks than the forward",
+    ),
+    Mutation(
+        "output-scale", "attention/base.py",
+        "return self.dropout(self.to_out(merged))", "return self.dropout(self.to_out(merged) * 1.05)",
+        "attention output scaled by 1.05",
+    ),
+    Mutation(
+        "rng-replay", "reversible.py",
+        "torch.set_rng_state(self.cpu)", "torch.get_rng_state()",
+        "reversible backward recomputes layers without restoring the RNG state (other dropout masks)",
+    ),
+    Mutation(
+        "reversible-rebuild", "reversible.py",
+        "y2.sub_(g_out)  # now x2", "y2.sub_(g_out * 0.999)  # now x2",
+        "reversible backward rebuilds x2 slightly wrong",
+    ),
+    Mutation(
+        "axial-digits", "embeddings.py",
+        'digit = torch.div(positions, stride, rounding_mode="floor") % n',
+        'digit = torch.div(positions, self.max_positions // (stride * n), rounding_mode="floor") % n',
+        "axial position digits in the transposed order (first axis fastest)",
+    ),
+    Mutation(
+        "loss-normaliser", "model.py",
+        "count = (targets != ignore_index).sum().clamp(min=1)", "count = targets.numel()",
+        "loss divided by all targets, ignored ones included",
+    ),
+    Mutation(
+        "ff-chunk-order", "feedforward.py",
+        "for part in x.split(self.chunk_size, dim=1)], dim=1)",
+        "for part in x.split(self.chunk_size, dim=1)][::-1], dim=1)",
+        "feed-forward chunks concatenated in the wrong order",
+    ),
+    Mutation(
+        "ff-chunk-grad-accumulation", "feedforward.py",
+        "acc.add_(g)", "acc.copy_(g)",
+        "feed-forward parameter gradients keep only the last chunk's",
+    ),
+]  # fmt: skip
+
+
+def check_snippets(mutations: list[Mutation], src: Path) -> list[str]:
+    """Problems: every snippet must occur exactly once in its file."""
+    problems = []
+    for m in mutations:
+        path = src / "reformer" / m.file
+        if not path.is_file():
+            problems.append(f"{m.name}: {path} does not exist")
+            continue
+        count = path.read_text().count(m.old)
+        if count != 1:
+            problems.append(
+                f"{m.name}: snippet {m.old!r} occurs {count} times in src/reformer/{m.file} (need 1)"
+            )
+    return problems
+
+
+def run_tests(src_copy: Path, tests: list[str], timeout: float) -> tuple[str, str, float]:
+    """(``"passed"`` | ``"failed"`` | ``"timeout"`` | ``"error rc=N"``, first failing test, seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(src_copy), "COLUMNS": "400"}  # untruncated FAILED lines
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", "", time.monotonic() - start
+    seconds = time.monotonic() - start
+    # "FAILED node - Error: message": keep the node and the exception type (a crash is a weak catch).
+    failed = [
+        f"{node} ({reason.split(':')[0]})" if reason else node
+        for node, reason in re.findall(r"^FAILED (\S+)(?: - (.*))?$", proc.stdout, flags=re.MULTILINE)
+    ]
+    if proc.returncode == 0:
+        return "passed", "", seconds
+    if proc.returncode == 1:
+        return "failed", failed[0] if failed else "?", seconds
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+    return f"error rc={proc.returncode}", " | ".join(tail), seconds
+
+
+def scratch_copy(mutation: Mutation | None) -> Path:
+    scratch = Path(tempfile.mkdtemp(prefix="mutation-"))
+    shutil.copytree(ROOT / "src", scratch / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    if mutation is not None:
+        path = scratch / "src" / "reformer" / mutation.file
+        path.write_text(path.read_text().replace(mutation.old, mutation.new, 1))
+    return scratch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--check", action="store_true", help="only check that every snippet matches")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per test run (default 600)")
+    parser.add_argument(
+        "--tests", action="append", metavar="TARGET",
+        help="a pytest target to run instead of the fast subset (repeat for several)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    args.tests = args.tests or FAST_TESTS
+
+    by_name = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutations {unknown}; --list shows them")
+    chosen = [by_name[n] for n in args.names] if args.names else MUTATIONS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:28} src/reformer/{m.file:22} {m.description}")
+        return 0
+    problems = check_snippets(chosen, ROOT / "src")
+    for problem in problems:
+        print(f"SNIPPET MISMATCH {problem}", flush=True)
+    if problems:
+        return 2
+    if args.check:
+        print(f"all {len(chosen)} snippets match exactly once")
+        return 0
+
+    scratch = scratch_copy(None)
+    try:
+        where = subprocess.run(
+            [sys.executable, "-c", "import reformer; print(reformer.__file__)"],
+            env={**os.environ, "PYTHONPATH": str(scratch / "src")}, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        if not where.startswith(str(scratch)):
+            print(f"the scratch copy is not the one imported (reformer comes from {where!r})")
+            return 1
+        status, detail, seconds = run_tests(scratch / "src", args.tests, args.timeout)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"baseline (no mutation): {status} in {seconds:.0f}s {detail}", flush=True)
+    if status != "passed":
+        print("the unmutated tests must pass first")
+        return 1
+
+    rows = []
+    for m in chosen:
+        scratch = scratch_copy(m)
+        try:
+            status, detail, seconds = run_tests(scratch / "src", args.tests, args.timeout)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        verdict = {"failed": "CAUGHT", "passed": "SURVIVED"}.get(status, status.upper())
+        rows.append((m, verdict, detail, seconds))
+        print(f"{verdict:9} {m.name:28} {seconds:5.0f}s  {detail}", flush=True)
+
+    print("\n| mutation | file | bug | verdict | caught by (first failing test) |")
+    print("|---|---|---|---|---|")
+    for m, verdict, detail, _ in rows:
+        print(f"| {m.name} | {m.file} | {m.description} | {verdict} | {detail} |")
+    bad = [m.name for m, verdict, _, _ in rows if verdict != "CAUGHT"]
+    if bad:
+        print(f"\nnot caught: {', '.join(bad)}")
+        return 1
+    print(f"\nall {len(rows)} mutations caught")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
