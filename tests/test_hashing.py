@@ -144,4 +144,6 @@ def test_per_row_hashing_equals_each_row_hashed_alone_with_its_own_count():
         count = f1 if f2 == 1 else (f1, f2)
         assert torch.equal(buckets[b : b + 1], hash_vectors(x[b : b + 1], own, count))
     assert {(2, 1), (128, 1), (8, 16), (16, 16), (16, 32)} <= seen
+    single = factors[1] == 1  # rows with one factor: the one-factor form gives the same buckets
+    assert torch.equal(hash_vectors_per_row(x[single], rotations, (factors[0][single],)), buckets[single])
     assert (buckets[:, :, :, ::7] == 0).all()  # zero vectors: first column of x, in both factors

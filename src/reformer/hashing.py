@@ -208,7 +208,7 @@ def _argmax_of_plus_minus_within(
 
 @torch.no_grad()
 def hash_vectors_per_row(
-    vectors: torch.Tensor, rotations: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]
+    vectors: torch.Tensor, rotations: torch.Tensor, factors: tuple[torch.Tensor, ...]
 ) -> torch.Tensor:
     """Bucket ids with a bucket count per row, in one pass over all rows.
 
@@ -220,22 +220,22 @@ def hash_vectors_per_row(
         vectors: ``(batch, heads, length, head_dim)``, any float dtype (hashed in float32).
         rotations: ``(heads, head_dim, n_hashes, width)`` float, ``width >= max(k)``.
         factors: ``(f1, f2)``, each ``(batch,)`` int64, even ``f1``, even ``f2`` or 1 (e.g. from
-            :func:`auto_bucket_factors`).
+            :func:`auto_bucket_factors`); or ``(f1,)`` when no row is factorised (hashes half as much).
 
     Returns:
         ``(batch, heads, n_hashes, length)`` int64 ids in ``[0, f1 * f2)`` of each row.
     """
-    f1, f2 = (
-        f.to(vectors.device).view(-1, 1, 1) for f in factors
-    )  # (batch, 1, 1): broadcast on heads, length
+    halves = [f.to(vectors.device).view(-1, 1, 1) // 2 for f in factors]  # (batch, 1, 1) each
     vectors = vectors.float()
     rotations = rotations.to(device=vectors.device, dtype=torch.float32)
     rounds = []
     for r in range(rotations.shape[2]):
         rotated = torch.einsum("bhld,hdk->bhlk", vectors, rotations[:, :, r])
-        first = _argmax_of_plus_minus_within(rotated, torch.zeros_like(f1), f1 // 2)
-        second = _argmax_of_plus_minus_within(rotated, f1 // 2, f2 // 2)
-        rounds.append(first + f1 * second)
+        buckets = _argmax_of_plus_minus_within(rotated, torch.zeros_like(halves[0]), halves[0])
+        if len(halves) == 2:
+            second = _argmax_of_plus_minus_within(rotated, halves[0], halves[1])
+            buckets = buckets + 2 * halves[0] * second
+        rounds.append(buckets)
     return torch.stack(rounds, dim=2)
 
 

@@ -290,7 +290,8 @@ def _sort_indices_by_own_length(
     width = auto_hash_width(padded, bucket_size)
     rotations = draw_column_rotations(heads, head_dim, n_hashes, width, seed=seed, device=qk_p.device)
     f1, f2 = auto_bucket_factors(user_valid.sum(-1), bucket_size)
-    buckets = hash_vectors_per_row(qk_p.detach(), rotations, (f1, f2))
+    factorised = isinstance(auto_n_buckets(padded, bucket_size), tuple)  # else every f2 is 1
+    buckets = hash_vectors_per_row(qk_p.detach(), rotations, (f1, f2) if factorised else (f1,))
     sort_indices = sort_by_bucket(buckets, key_valid)
     if not want_buckets:
         return sort_indices, None
