@@ -3,6 +3,11 @@
 A vector ``x`` falls into bucket ``argmax([xR; -xR])`` for a random Gaussian matrix ``R``; with
 factorised bucket counts ``[f1, f2, ...]`` each factor hashes its own slice of ``xR`` and the ids are
 combined as ``b1 + f1 * b2 + f1 * f2 * b3 + ...``. Every hash round draws its own rotations.
+
+The automatic count (``n_buckets=None``) is a row's own: :func:`hash_vectors_per_row` hashes every row
+into the count of its real length in one vectorised pass (no host sync, no grouping), with rotations
+whose column ``j`` comes from its own seed (:func:`draw_column_rotations`), so the columns a row uses do
+not depend on how many columns the batch drew.
 """
 
 from __future__ import annotations
@@ -25,6 +30,32 @@ def auto_n_buckets(length: int, bucket_size: int) -> int | tuple[int, int]:
         return n_buckets
     exponent = round(math.log2(n_buckets))
     return 2 ** (exponent // 2), 2 ** (exponent - exponent // 2)
+
+
+def auto_bucket_factors(real_lengths: torch.Tensor, bucket_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row :func:`auto_n_buckets` of each row's real length rounded up to ``bucket_size``, as tensors.
+
+    Args:
+        real_lengths: ``(batch,)`` integer real lengths (0 counts as 1).
+
+    Returns:
+        ``(f1, f2)``, each ``(batch,)`` int64: ``(n, 1)`` for an unfactorised count ``n``.
+    """
+    n = 2 * ((real_lengths.long().clamp(min=1) + bucket_size - 1) // bucket_size)
+    # round(log2(n)) in exact integer arithmetic: the number of k >= 1 with n > 2**(k - 1/2).
+    k = torch.arange(1, 32, device=n.device)
+    exponent = (n[:, None] * n[:, None] > 2 ** (2 * k - 1)).sum(-1)
+    large = n > MAX_UNFACTORISED_BUCKETS
+    f1 = torch.where(large, 2 ** (exponent // 2), n)
+    f2 = torch.where(large, 2 ** (exponent - exponent // 2), torch.ones_like(n))
+    return f1, f2
+
+
+def auto_hash_width(length: int, bucket_size: int) -> int:
+    """Rotation columns that cover the automatic count of every row of at most ``length`` real tokens:
+    the widest of them (64 columns for 128 buckets, fewer for small or factorised counts)."""
+    unfactorised = min(length, MAX_UNFACTORISED_BUCKETS // 2 * bucket_size)
+    return max(sum(bucket_factors(auto_n_buckets(n, bucket_size))) // 2 for n in (length, unfactorised))
 
 
 def bucket_factors(n_buckets: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -79,6 +110,46 @@ def _seeded_randn_fake(seed: int, shape: list[int]) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32)
 
 
+def draw_column_rotations(
+    n_heads: int,
+    head_dim: int,
+    n_hashes: int,
+    width: int,
+    *,
+    seed: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Gaussian rotations ``(n_heads, head_dim, n_hashes, width)`` float32 whose column ``j`` is drawn
+    from its own seed derived from ``(seed, j)``: the first ``k`` columns are the same for every
+    ``width >= k``. (Not the numbers of :func:`draw_rotations`, which stays HF's draw.)"""
+    return column_seeded_randn(seed, [n_heads, head_dim, n_hashes], width).to(device)
+
+
+def column_seed(seed: int, column: int) -> int:
+    """A 63-bit seed for ``column`` of a draw seeded with ``seed`` (SplitMix64's mixer)."""
+    mask = 2**64 - 1
+    z = (seed + (column + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1
+
+
+@torch.library.custom_op("reformer::column_seeded_randn", mutates_args=())
+def column_seeded_randn(seed: int, shape: list[int], width: int) -> torch.Tensor:
+    """Standard normal float32 CPU tensor ``(*shape, width)``; column ``j`` is ``torch.randn(shape)``
+    from a private generator seeded with ``column_seed(seed, j)``."""
+    generator = torch.Generator(device="cpu")
+    out = torch.empty([width, *shape], dtype=torch.float32)
+    for j in range(width):
+        out[j] = torch.randn(shape, generator=generator.manual_seed(column_seed(seed, j)))
+    return out.movedim(0, -1).contiguous()
+
+
+@column_seeded_randn.register_fake
+def _column_seeded_randn_fake(seed: int, shape: list[int], width: int) -> torch.Tensor:
+    return torch.empty([*shape, width], dtype=torch.float32)
+
+
 def _argmax_of_plus_minus(rotated: torch.Tensor) -> torch.Tensor:
     """``argmax(cat([x, -x], -1), -1)`` without materialising the concatenation (same tie-breaking)."""
     top, top_idx = rotated.max(dim=-1)
@@ -117,6 +188,53 @@ def hash_vectors(
             buckets = ids if buckets is None else buckets + stride * ids
             start += factor // 2
             stride *= factor
+        rounds.append(buckets)
+    return torch.stack(rounds, dim=2)
+
+
+def _argmax_of_plus_minus_within(
+    rotated: torch.Tensor, start: torch.Tensor, size: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_argmax_of_plus_minus` of ``rotated[..., start:start + size]`` with per-row ``start`` and
+    ``size`` (broadcast against ``rotated[..., 0]``); the columns outside are masked out, so ties go to
+    the first index, x before -x. Rows with ``size == 0`` get 0."""
+    column = torch.arange(rotated.shape[-1], device=rotated.device)
+    outside = (column < start[..., None]) | (column >= (start + size)[..., None])
+    top, top_idx = rotated.masked_fill(outside, -math.inf).max(dim=-1)
+    bottom, bottom_idx = rotated.masked_fill(outside, math.inf).min(dim=-1)
+    ids = torch.where(top >= -bottom, top_idx - start, bottom_idx - start + size)
+    return torch.where(size > 0, ids, torch.zeros_like(ids))
+
+
+@torch.no_grad()
+def hash_vectors_per_row(
+    vectors: torch.Tensor, rotations: torch.Tensor, factors: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Bucket ids with a bucket count per row, in one pass over all rows.
+
+    Row ``b`` with factors ``(f1, f2)`` gets ``hash_vectors(vectors[b:b+1], rotations[..., :k], (f1, f2))``
+    with ``k = f1 // 2 + f2 // 2`` (``n_buckets=f1`` when ``f2 == 1``): factor 1 takes the argmax of
+    ``[x; -x]`` over columns ``[0, f1/2)``, factor 2 over ``[f1/2, k)``, and the id is ``b1 + f1 * b2``.
+
+    Args:
+        vectors: ``(batch, heads, length, head_dim)``, any float dtype (hashed in float32).
+        rotations: ``(heads, head_dim, n_hashes, width)`` float, ``width >= max(k)``.
+        factors: ``(f1, f2)``, each ``(batch,)`` int64, even ``f1``, even ``f2`` or 1 (e.g. from
+            :func:`auto_bucket_factors`); or ``(f1,)`` when no row is factorised (hashes half as much).
+
+    Returns:
+        ``(batch, heads, n_hashes, length)`` int64 ids in ``[0, f1 * f2)`` of each row.
+    """
+    halves = [f.to(vectors.device).view(-1, 1, 1) // 2 for f in factors]  # (batch, 1, 1) each
+    vectors = vectors.float()
+    rotations = rotations.to(device=vectors.device, dtype=torch.float32)
+    rounds = []
+    for r in range(rotations.shape[2]):
+        rotated = torch.einsum("bhld,hdk->bhlk", vectors, rotations[:, :, r])
+        buckets = _argmax_of_plus_minus_within(rotated, torch.zeros_like(halves[0]), halves[0])
+        if len(halves) == 2:
+            second = _argmax_of_plus_minus_within(rotated, halves[0], halves[1])
+            buckets = buckets + 2 * halves[0] * second
         rounds.append(buckets)
     return torch.stack(rounds, dim=2)
 

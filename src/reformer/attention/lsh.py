@@ -10,10 +10,14 @@ import torch
 
 from ..config import validate_key_rule, validate_n_buckets
 from ..hashing import (
+    auto_bucket_factors,
+    auto_hash_width,
     auto_n_buckets,
     bucket_factors,
+    draw_column_rotations,
     draw_rotations,
     hash_vectors,
+    hash_vectors_per_row,
     sort_by_bucket,
     total_buckets,
 )
@@ -141,8 +145,11 @@ def lsh_attention(
         v: ``(batch, heads, length, head_dim_v)`` values.
         n_buckets: an even integer or even factors; None picks about two buckets per chunk of each
             row's own real length (without ``attention_mask``: of ``length``), so padding does not change
-            a row's buckets; rows of different counts are hashed group by group. None is not allowed with
-            ``key_rule="own_bucket"``, where a length-dependent count would break prefix consistency.
+            a row's buckets: all rows are hashed in one pass with rotations as wide as the widest count
+            a row of this padded length can have, column ``j`` drawn from its own seed (not
+            :func:`~reformer.hashing.draw_rotations`' numbers; with a mask this hashing is PyTorch's on
+            every backend). None is not allowed with ``key_rule="own_bucket"``, where a
+            length-dependent count would break prefix consistency.
         attention_mask: ``(batch, length)``, nonzero/True for real tokens, zero/False for padding.
         dropout_p: dropout on the attention probabilities; ``dropout_seed`` makes it replayable.
         rotations: explicit hash rotations ``(heads, head_dim, n_hashes, sum(factors) // 2)``.
@@ -192,21 +199,18 @@ def lsh_attention(
     if sort_indices is None:
         if rotations is None and hash_seed is None:
             hash_seed = draw_call_seed()  # one draw per call, whatever the rows' bucket counts
-        hash_kw = dict(n_hashes=n_hashes, rotations=rotations, seed=hash_seed, fused=backend == "triton")
-        sorted_buckets = None
-        if n_buckets is None and rotations is None and user_valid is not None:
-            sort_indices = _sort_indices_by_own_length(
-                qk_p, key_valid, user_valid.sum(-1), bucket_size, hash_kw
+        fused = backend == "triton"
+        want_buckets = own_bucket or return_sorted_buckets
+        if n_buckets is None and rotations is None:
+            sort_indices, sorted_buckets = _sort_indices_by_own_length(
+                qk_p, key_valid, user_valid, bucket_size, n_hashes, hash_seed, fused, want_buckets
             )
         else:
             n_buckets = n_buckets if n_buckets is not None else auto_n_buckets(padded, bucket_size)
             sorted_ = lsh_sort_indices(
-                qk_p,
-                n_buckets=n_buckets,
-                key_padding_mask=key_valid,
-                return_buckets=own_bucket or return_sorted_buckets,
-                **hash_kw,
-            )
+                qk_p, n_buckets=n_buckets, key_padding_mask=key_valid, rotations=rotations, seed=hash_seed,
+                n_hashes=n_hashes, fused=fused, return_buckets=want_buckets,
+            )  # fmt: skip
             sort_indices, sorted_buckets = sorted_ if isinstance(sorted_, tuple) else (sorted_, None)
     else:
         expected = (batch, heads, n_hashes, padded)
@@ -260,31 +264,40 @@ def _with_extras(out, sort_indices, sorted_buckets, return_sort_indices, return_
     return (out, *extras) if extras else out
 
 
-def own_n_buckets(real_length: int, bucket_size: int) -> int | tuple[int, int]:
-    """The automatic bucket count of a row with ``real_length`` real tokens: the count it gets alone."""
-    return auto_n_buckets(-(-max(real_length, 1) // bucket_size) * bucket_size, bucket_size)
+def _sort_indices_by_own_length(
+    qk_p, key_valid, user_valid, bucket_size, n_hashes, seed, fused, want_buckets
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sort indices ``(batch, heads, n_hashes, padded)`` (and sorted buckets if ``want_buckets``) with
+    every row hashed into the automatic bucket count of its own real length, so padding never changes
+    a row's buckets.
 
-
-def _sort_indices_by_own_length(qk_p, key_valid, real_lengths, bucket_size, hash_kw) -> torch.Tensor:
-    """Sort indices ``(batch, heads, n_hashes, padded)`` with each row hashed into the bucket count of its
-    own real length (:func:`own_n_buckets`), so padding never changes a row's buckets.
-
-    Rows are grouped by count and each group is hashed with that count's rotations (one hashing call
-    per distinct count, and a device-to-host copy of the lengths).
+    The rotations' column ``j`` comes from its own seed (:func:`draw_column_rotations`), so a row uses
+    the same columns whatever the batch draws. Without ``user_valid`` every row has the count of the
+    padded length (the Triton hash applies when ``fused``); with it, all rows are hashed in one pass over
+    the widest count a row of this length can have (:func:`hash_vectors_per_row`, PyTorch on every
+    backend), with no host sync.
     """
-    counts = [own_n_buckets(n, bucket_size) for n in real_lengths.tolist()]
-    groups: dict = {}
-    for row, count in enumerate(counts):
-        groups.setdefault(count, []).append(row)
-    if len(groups) == 1:
-        return lsh_sort_indices(qk_p, n_buckets=counts[0], key_padding_mask=key_valid, **hash_kw)
-    batch, heads, padded, _ = qk_p.shape
-    out = torch.empty(batch, heads, hash_kw["n_hashes"], padded, dtype=torch.long, device=qk_p.device)
-    for count, rows in groups.items():
-        rows = torch.tensor(rows, device=qk_p.device)
-        group = lsh_sort_indices(qk_p[rows], n_buckets=count, key_padding_mask=key_valid[rows], **hash_kw)
-        out[rows] = group.to(out.dtype)
-    return out
+    batch, heads, padded, head_dim = qk_p.shape
+    if user_valid is None:
+        n_buckets = auto_n_buckets(padded, bucket_size)
+        width = sum(bucket_factors(n_buckets)) // 2
+        rotations = draw_column_rotations(heads, head_dim, n_hashes, width, seed=seed, device=qk_p.device)
+        sorted_ = lsh_sort_indices(
+            qk_p, n_hashes=n_hashes, n_buckets=n_buckets, key_padding_mask=key_valid, rotations=rotations,
+            fused=fused, return_buckets=want_buckets,
+        )  # fmt: skip
+        return sorted_ if isinstance(sorted_, tuple) else (sorted_, None)
+    width = auto_hash_width(padded, bucket_size)
+    rotations = draw_column_rotations(heads, head_dim, n_hashes, width, seed=seed, device=qk_p.device)
+    f1, f2 = auto_bucket_factors(user_valid.sum(-1), bucket_size)
+    factorised = isinstance(auto_n_buckets(padded, bucket_size), tuple)  # else every f2 is 1
+    buckets = hash_vectors_per_row(qk_p.detach(), rotations, (f1, f2) if factorised else (f1,))
+    sort_indices = sort_by_bucket(buckets, key_valid)
+    if not want_buckets:
+        return sort_indices, None
+    padding_bucket = (f1 * f2).view(batch, 1, 1, 1)
+    buckets = torch.where(key_valid[:, None, None, :], buckets, padding_bucket)
+    return sort_indices, buckets.gather(-1, sort_indices)
 
 
 def _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask, device) -> ChunkPlan:
