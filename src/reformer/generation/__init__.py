@@ -38,6 +38,7 @@ from .decoding import GenerationCache, RunSettings, decode_step, prefill, run_se
 from .kv_cache import KVCache, full_decode_step
 from .local_cache import LocalCache, local_decode_step
 from .lsh_cache import LSHCache, lsh_decode_step
+from .own_bucket_cache import OwnBucketCache, own_bucket_decode_step
 from .sampling import sample_next
 from .streaming import generate, stream
 
@@ -46,6 +47,7 @@ __all__ = [
     "KVCache",
     "LSHCache",
     "LocalCache",
+    "OwnBucketCache",
     "RunSettings",
     "add_arguments",
     "decode_step",
@@ -53,6 +55,7 @@ __all__ = [
     "generate",
     "local_decode_step",
     "lsh_decode_step",
+    "own_bucket_decode_step",
     "prefill",
     "run",
     "run_settings",
