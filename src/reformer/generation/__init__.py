@@ -1,11 +1,12 @@
 """Autoregressive generation with per-layer caches, sampling, and the ``reformer generate`` command.
 
-Modules: one per cache kind with its decode step (``lsh_cache``, ``local_cache``, ``kv_cache``, on the
-shared ``buffers``), ``decoding`` (the run's LSH settings, prefill and the model-level decode step),
-``sampling``, ``streaming`` (:func:`stream`, :func:`generate`) and ``command`` (``reformer generate``).
+Modules: one per cache kind with its decode step (``lsh_cache``, ``own_bucket_cache``, ``local_cache``,
+``kv_cache``, on the shared ``buffers``), ``decoding`` (the run's LSH settings, prefill and the
+model-level decode step), ``sampling``, ``streaming`` (:func:`stream`, :func:`generate`) and ``command``
+(``reformer generate``).
 
 Semantics (docs/generation.md has the long form). A generation run fixes the LSH bucket count (the
-config's, or the automatic count for the run's final length) and so the rotations, and uses them with
+config's, or the automatic count for the run's final length; under ``own_bucket`` the layers' fixed count) and so the rotations, and uses them with
 and without the cache. With the cache, each token's per-layer states are computed once, when the token
 enters the sequence (the prompt's in one forward pass over the prompt), and kept:
 
@@ -26,6 +27,11 @@ layer with chunked (longer than one chunk) attention: local/full-only models, mo
 layer is the last, and sequences within one LSH chunk. Elsewhere it is the approximation HF transformers'
 cache also makes (it keeps the prefix's per-layer inputs); docs/generation.md measures how often greedy
 tokens agree with recomputation.
+
+Under ``lsh_key_rule="own_bucket"`` (truly causal LSH, docs/causal_lsh.md) LSH layers keep their keys and
+values by position and, per round and bucket, a ring of the last ``W = n_chunks_before * bucket_size``
+positions (``own_bucket_cache``); a step scores at most ``rounds * W`` keys. No state depends on later
+tokens under that rule, so cached decoding equals recomputation for every stack of layers.
 
 HF's cached LSH step gathers other keys than the chunked computation once the sequence passes one chunk
 (it wraps within the round modulo the unpadded length, and its sort keys depend on its padding);
