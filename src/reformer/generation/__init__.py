@@ -7,8 +7,9 @@ model-level decode step), ``sampling``, ``streaming`` (:func:`stream`, :func:`ge
 
 Semantics (docs/generation.md has the long form). A generation run fixes the LSH bucket count (the
 config's, or the automatic count for the run's final length; under ``own_bucket`` the layers' fixed
-count) and so the rotations, and uses them with and without the cache. With the cache, each token's per-layer states are computed once, when the token
-enters the sequence (the prompt's in one forward pass over the prompt), and kept:
+count) and so the rotations, and uses them with and without the cache. With the cache, each token's
+per-layer states are computed once, when the token enters the sequence (the prompt's in one forward pass
+over the prompt), and kept:
 
 * LSH layers keep the normalised keys, the values and the bucket id of every position in every round,
   plus each round's positions sorted by (bucket, position) and a per-bucket count. A new token's rank
