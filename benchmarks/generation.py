@@ -16,6 +16,7 @@ models that mix local and LSH layers (see docs/generation.md).
         --real-prefill-max 4096 --hf 1024,4096          # --hf needs transformers (the [bench] extra)
     .venv/bin/python benchmarks/generation.py --key-rule own_bucket --lengths 1024,16384,65536 \
         --recompute 16384 --real-prefill-max 1024
+    .venv/bin/python benchmarks/generation.py --key-rule own_bucket --interleaved --lengths 1024,16384,65536
     .venv/bin/python benchmarks/generation.py --agreement
 """
 
@@ -205,6 +206,36 @@ def speed(args: argparse.Namespace) -> None:
             json.dump(rows, f, indent=2)
 
 
+def interleaved(args: argparse.Namespace) -> None:
+    """Cached per-token time at every length of ``--lengths``, measured round-robin (one step per length
+    per round) in one process, so that a shared machine's load falls on every length alike; prints the
+    medians and their ratios to the first length's."""
+    lengths = [int(x) for x in args.lengths.split(",")]
+    torch.manual_seed(0)
+    max_seq_len = max(65536, max(lengths) + args.steps + 2)
+    model = ReformerLM(enwik8_config(max_seq_len, args.key_rule)).eval()
+    caches = {}
+    for length in lengths:
+        settings = run_settings(model, length + args.steps + 2)
+        caches[length] = synthetic_cache(model, length, length + args.steps + 2, settings)
+    times: dict[int, list[float]] = {length: [] for length in lengths}
+    next_ids = torch.tensor([65])
+    with torch.no_grad():
+        for step in range(args.steps + 1):  # the first round is the warm-up
+            for length in lengths:
+                t0 = time.perf_counter()
+                decode_step(model, caches[length], next_ids)
+                if step:
+                    times[length].append(time.perf_counter() - t0)
+    base = statistics.median(times[lengths[0]])
+    print(f"# enwik8 preset, lsh_key_rule={args.key_rule}, {args.steps} interleaved rounds, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print("| prefix | cached ms/token (median) | / first | cache MiB |\n|---|---|---|---|")
+    for length in lengths:
+        ms = 1e3 * statistics.median(times[length])
+        print(f"| {length} | {ms:.1f} | {ms / 1e3 / base:.2f} | {caches[length].nbytes() / MIB:.0f} |")
+
+
 def agreement(args: argparse.Namespace) -> None:
     """Greedy cached vs recomputed decoding on random models mixing local and LSH layers."""
     print("| layers | init std | prompt | runs | identical runs | median first divergence | "
@@ -277,11 +308,17 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--agreement", action="store_true", help="measure cached vs recomputed agreement")
+    parser.add_argument(
+        "--interleaved", action="store_true",
+        help="only cached steps, round-robin over --lengths (synthetic caches): ratios on a shared machine",
+    )  # fmt: skip
     parser.add_argument("--runs", type=int, default=5, help="prompts per agreement setting")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per agreement run")
     args = parser.parse_args()
     if args.agreement:
         agreement(args)
+    elif args.interleaved:
+        interleaved(args)
     else:
         speed(args)
 
