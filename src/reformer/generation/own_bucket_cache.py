@@ -60,7 +60,10 @@ class OwnBucketCache:
         """Cache of ``qk``/``v`` ``(batch, heads, length, dim)`` whose row ``b`` holds ``lengths[b]`` real
         positions followed by padding; ``window`` is ``n_chunks_before * bucket_size``."""
         if window < 1:
-            raise ValueError(f"window={window} must be at least 1 (n_chunks_before * bucket_size)")
+            raise ValueError(
+                f"window={window} (n_chunks_before * bucket_size) must be at least 1 for the own_bucket "
+                "cache; use lsh_chunks_before >= 1, or generate with use_cache=False"
+            )
         batch, heads, length, _ = qk.shape
         n_total = total_buckets(n_buckets)
         valid = torch.arange(length, device=qk.device) < lengths[:, None]  # (batch, length)
@@ -76,7 +79,7 @@ class OwnBucketCache:
         starts = counts.cumsum(-1) - counts
         rank = torch.arange(length, device=qk.device) - starts.gather(-1, sorted_buckets)
         total = counts.gather(-1, sorted_buckets)
-        real = rank < total  # padding sorts after every real position of the last bucket
+        real = rank < total  # padding sorts after every real position: its rank is past its bucket's count
         keep = real & (rank >= total - window)
         slot = torch.where(keep, sorted_buckets * window + rank % window, n_total * window)
         rings = torch.full(
