@@ -6,11 +6,17 @@ the prefill time; the cache's size; the process's resident memory. The model is 
 configuration (12 layers alternating local/LSH, d_model 1024, d_ff 4096, 8 heads, LSH bucket 64, local
 chunk 128, 2 hashes), random weights, batch 1, float32, on the CPU threads torch is given.
 
+``--key-rule own_bucket`` times the truly causal LSH rule (docs/causal_lsh.md) and its ring cache instead
+of the ``chunks`` rule's; the model's bucket count is then fixed by ``max_seq_len``.
+
 ``--agreement`` instead measures how often cached and recomputed greedy decoding agree on small random
 models that mix local and LSH layers (see docs/generation.md).
 
     .venv/bin/python benchmarks/generation.py --lengths 1024,4096,16384,65536 --recompute 1024,4096 \
         --real-prefill-max 4096 --hf 1024,4096          # --hf needs transformers (the [bench] extra)
+    .venv/bin/python benchmarks/generation.py --key-rule own_bucket --lengths 1024,16384,65536 \
+        --recompute 16384 --real-prefill-max 1024
+    .venv/bin/python benchmarks/generation.py --key-rule own_bucket --interleaved --lengths 1024,16384,65536
     .venv/bin/python benchmarks/generation.py --agreement
 """
 
@@ -31,6 +37,7 @@ from reformer.generation import (
     KVCache,
     LocalCache,
     LSHCache,
+    OwnBucketCache,
     decode_step,
     prefill,
     run_settings,
@@ -39,11 +46,11 @@ from reformer.generation import (
 MIB = 2**20
 
 
-def enwik8_config(max_seq_len: int) -> ReformerConfig:
+def enwik8_config(max_seq_len: int, key_rule: str = "chunks") -> ReformerConfig:
     return ReformerConfig(
         vocab_size=258, d_model=1024, n_heads=8, n_layers=12, d_ff=4096,
         attn_layers=("local", "lsh") * 6, bucket_size=64, local_chunk_size=128, n_hashes=2,
-        max_seq_len=max_seq_len, causal=True,
+        max_seq_len=max_seq_len, causal=True, lsh_key_rule=key_rule,
     )  # fmt: skip
 
 
@@ -57,7 +64,12 @@ def synthetic_cache(model: ReformerLM, length: int, capacity: int, settings) -> 
         shape = (1, attn.n_heads, length, attn.d_head)
         a, b = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
         lengths = torch.tensor([length])
-        if rotations is not None:
+        if rotations is not None and settings.own_bucket:
+            window = attn.n_chunks_before * attn.bucket_size
+            layers.append(
+                OwnBucketCache.from_prefix(a, b, lengths, rotations, settings.n_buckets, window, capacity)
+            )
+        elif rotations is not None:
             layers.append(
                 LSHCache.from_prefix(
                     a,
@@ -147,8 +159,10 @@ def speed(args: argparse.Namespace) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     recompute = {int(x) for x in args.recompute.split(",")} if args.recompute else set()
     torch.manual_seed(0)
-    model = ReformerLM(enwik8_config(max(65536, max(lengths) + 2 * (args.steps + 1) + 1))).eval()
-    print(f"# enwik8 preset, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+    max_seq_len = max(65536, max(lengths) + 2 * (args.steps + 1) + 1)
+    model = ReformerLM(enwik8_config(max_seq_len, args.key_rule)).eval()
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"# enwik8 preset, {n_params:.0f}M parameters, lsh_key_rule={args.key_rule}, "
           f"torch {torch.__version__}, batch 1, float32", flush=True)  # fmt: skip
     threads = torch.get_num_threads()
     extra = f" cached ms/token ({args.decode_threads} thr) |" if args.decode_threads else ""
@@ -190,6 +204,36 @@ def speed(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def interleaved(args: argparse.Namespace) -> None:
+    """Cached per-token time at every length of ``--lengths``, measured round-robin (one step per length
+    per round) in one process, so that a shared machine's load falls on every length alike; prints the
+    medians and their ratios to the first length's."""
+    lengths = [int(x) for x in args.lengths.split(",")]
+    torch.manual_seed(0)
+    max_seq_len = max(65536, max(lengths) + args.steps + 2)
+    model = ReformerLM(enwik8_config(max_seq_len, args.key_rule)).eval()
+    caches = {}
+    for length in lengths:
+        settings = run_settings(model, length + args.steps + 2)
+        caches[length] = synthetic_cache(model, length, length + args.steps + 2, settings)
+    times: dict[int, list[float]] = {length: [] for length in lengths}
+    next_ids = torch.tensor([65])
+    with torch.no_grad():
+        for step in range(args.steps + 1):  # the first round is the warm-up
+            for length in lengths:
+                t0 = time.perf_counter()
+                decode_step(model, caches[length], next_ids)
+                if step:
+                    times[length].append(time.perf_counter() - t0)
+    base = statistics.median(times[lengths[0]])
+    print(f"# enwik8 preset, lsh_key_rule={args.key_rule}, {args.steps} interleaved rounds, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print("| prefix | cached ms/token (median) | / first | cache MiB |\n|---|---|---|---|")
+    for length in lengths:
+        ms = 1e3 * statistics.median(times[length])
+        print(f"| {length} | {ms:.1f} | {ms / 1e3 / base:.2f} | {caches[length].nbytes() / MIB:.0f} |")
 
 
 def agreement(args: argparse.Namespace) -> None:
@@ -259,13 +303,22 @@ def main() -> None:
     parser.add_argument(
         "--hf", default="", help="lengths at which to time HF transformers' cached decoding (same weights)"
     )
+    parser.add_argument(
+        "--key-rule", default="chunks", choices=("chunks", "own_bucket"), help="the LSH layers' lsh_key_rule"
+    )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--agreement", action="store_true", help="measure cached vs recomputed agreement")
+    parser.add_argument(
+        "--interleaved", action="store_true",
+        help="only cached steps, round-robin over --lengths (synthetic caches): ratios on a shared machine",
+    )  # fmt: skip
     parser.add_argument("--runs", type=int, default=5, help="prompts per agreement setting")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per agreement run")
     args = parser.parse_args()
     if args.agreement:
         agreement(args)
+    elif args.interleaved:
+        interleaved(args)
     else:
         speed(args)
 

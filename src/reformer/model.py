@@ -248,12 +248,6 @@ class ReformerLM(nn.Module):
         are exactly equal. ``hf_compatible=True`` makes the cached LSH step follow HF transformers' rule
         (which differs from the chunked computation) so that converted models generate HF's tokens.
         """
-        if self.config.lsh_key_rule != "chunks" and "lsh" in self.config.attn_layers:
-            raise NotImplementedError(
-                f"generate() follows the 'chunks' LSH rule only; lsh_key_rule={self.config.lsh_key_rule!r} "
-                "has no decoding path yet (score prefixes with forward(), whose outputs do not depend on "
-                "later tokens under this rule)"
-            )
         from .generation import generate
 
         return generate(

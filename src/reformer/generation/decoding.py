@@ -13,10 +13,11 @@ from ..attention import LocalSelfAttention, LSHSelfAttention
 from ..attention.full import full_attention
 from ..attention.local import local_attention
 from ..attention.lsh import lsh_attention
-from ..hashing import auto_n_buckets, draw_rotations
+from ..hashing import auto_n_buckets, bucket_factors, draw_rotations
 from .kv_cache import KVCache, full_decode_step
 from .local_cache import LocalCache, local_decode_step
 from .lsh_cache import LSHCache, lsh_decode_step
+from .own_bucket_cache import OwnBucketCache, own_bucket_decode_step
 
 if TYPE_CHECKING:
     from ..model import ReformerLM
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 class GenerationCache:
     """Every layer's cache and the number of positions kept per row (``lengths`` ``(batch,)`` int64)."""
 
-    layers: list[LSHCache | LocalCache | KVCache]
+    layers: list[LSHCache | OwnBucketCache | LocalCache | KVCache]
     lengths: torch.Tensor
     max_length: int
     n_buckets: int | tuple[int, ...]
@@ -39,12 +40,17 @@ class GenerationCache:
 
 @dataclass
 class RunSettings:
-    """What a generation run fixes: the LSH bucket count, the rounds and every LSH layer's rotations."""
+    """What a generation run fixes: the LSH bucket count, the rounds and every LSH layer's rotations.
+
+    ``own_bucket`` is True for a model whose LSH layers follow the ``own_bucket`` key rule; their bucket
+    count is then the layers' own fixed count (the one ``forward`` uses).
+    """
 
     n_buckets: int | tuple[int, ...]
     n_hashes: int | None
     rotations: list[torch.Tensor | None] = field(default_factory=list)
     hf_compatible: bool = False
+    own_bucket: bool = False
 
 
 def run_settings(
@@ -55,8 +61,27 @@ def run_settings(
     hf_compatible: bool = False,
 ) -> RunSettings:
     """Bucket count and rotations for sequences up to ``total_length``: ``n_buckets`` if given, else the
-    config's, else the automatic count for ``total_length`` (padded to the bucket size)."""
+    config's, else the automatic count for ``total_length`` (padded to the bucket size).
+
+    Under the ``own_bucket`` key rule the count is the LSH layers' fixed one (``auto_n_buckets(max_seq_len,
+    bucket_size)`` when the config has none); another ``n_buckets`` is refused, as is ``hf_compatible``.
+    """
     cfg = model.config
+    own_bucket = cfg.lsh_key_rule == "own_bucket" and "lsh" in cfg.attn_layers
+    if own_bucket:
+        fixed = next(
+            b.attention.n_buckets for b in model.layers.blocks if isinstance(b.attention, LSHSelfAttention)
+        )
+        if n_buckets is not None and bucket_factors(n_buckets) != bucket_factors(fixed):
+            raise ValueError(
+                f"n_buckets={n_buckets!r} differs from the LSH layers' fixed count {fixed!r}: under "
+                "lsh_key_rule='own_bucket' generation uses the count the model's forward uses; omit n_buckets"
+            )
+        if hf_compatible:
+            raise ValueError(
+                "hf_compatible=True follows HF's 'chunks' LSH rule; this model uses 'own_bucket'"
+            )
+        n_buckets = fixed
     if n_buckets is None:
         n_buckets = cfg.n_buckets
     if n_buckets is None:
@@ -73,7 +98,7 @@ def run_settings(
             )
         else:
             rotations.append(None)
-    return RunSettings(n_buckets, n_hashes, rotations, hf_compatible)
+    return RunSettings(n_buckets, n_hashes, rotations, hf_compatible, own_bucket)
 
 
 def _logits_at(model: ReformerLM, y1: torch.Tensor, y2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -104,7 +129,7 @@ def prefill(
     attention_mask = None if bool(mask.all()) else mask
     x = model.embeddings(ids)
     y1, y2 = x, x
-    caches: list[LSHCache | LocalCache | KVCache] = []
+    caches: list[LSHCache | OwnBucketCache | LocalCache | KVCache] = []
     hf_hashed, hf_padded = _hf_prompt(model, lengths) if settings.hf_compatible else (None, None)
     for block, rotations in zip(model.layers.blocks, settings.rotations, strict=True):
         attn, h = block.attention, block.attn_norm(y2)
@@ -114,8 +139,16 @@ def prefill(
                 qk, v, bucket_size=attn.bucket_size, n_hashes=rotations.shape[2],
                 n_buckets=settings.n_buckets, causal=True, attention_mask=attention_mask,
                 n_chunks_before=attn.n_chunks_before, n_chunks_after=attn.n_chunks_after, rotations=rotations,
+                key_rule=attn.key_rule,
             )  # fmt: skip
-            if keep_cache:
+            if keep_cache and attn.key_rule == "own_bucket":
+                window = attn.n_chunks_before * attn.bucket_size
+                caches.append(
+                    OwnBucketCache.from_prefix(
+                        qk, v, lengths, rotations, settings.n_buckets, window, capacity
+                    )
+                )
+            elif keep_cache:
                 caches.append(
                     LSHCache.from_prefix(
                         qk,
@@ -189,7 +222,10 @@ def decode_step(model: ReformerLM, cache: GenerationCache, next_ids: torch.Tenso
         attn, h = block.attention, block.attn_norm(y2)
         if isinstance(attn, LSHSelfAttention):
             qk, v = attn.split_heads(attn.to_qk(h)), attn.split_heads(attn.to_v(h))
-            out = lsh_decode_step(layer, qk, v, lengths, max_length)
+            if isinstance(layer, OwnBucketCache):
+                out = own_bucket_decode_step(layer, qk, v, lengths, max_length)
+            else:
+                out = lsh_decode_step(layer, qk, v, lengths, max_length)
         else:
             q, k, v = (attn.split_heads(proj(h)) for proj in (attn.to_q, attn.to_k, attn.to_v))
             if isinstance(attn, LocalSelfAttention):
