@@ -8,17 +8,15 @@ combined as ``b1 + f1 * b2 + f1 * f2 * b3 + ...``. Every hash round draws its ow
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 
 import torch
 
 MAX_UNFACTORISED_BUCKETS = 128
 
-# (total heads, first head) while a sequence-parallel rank hashes its slice of the heads.
-_ROTATION_HEADS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
-    "reformer_rotation_heads", default=None
-)
+# (total heads, first head) while a sequence-parallel rank hashes its slice of the heads. A plain global
+# (not a ContextVar): torch.compile traces reading it without a graph break.
+_rotation_heads: tuple[int, int] | None = None
 
 
 @contextlib.contextmanager
@@ -26,11 +24,12 @@ def rotation_heads(total_heads: int, first_head: int):
     """Within this context :func:`draw_rotations` draws the rotations of all ``total_heads`` heads and
     returns those of heads ``first_head .. first_head + n_heads``: a sequence-parallel rank holding a slice
     of the heads hashes them exactly as one process holding all of them does."""
-    token = _ROTATION_HEADS.set((total_heads, first_head))
+    global _rotation_heads
+    previous, _rotation_heads = _rotation_heads, (total_heads, first_head)
     try:
         yield
     finally:
-        _ROTATION_HEADS.reset(token)
+        _rotation_heads = previous
 
 
 def auto_n_buckets(length: int, bucket_size: int) -> int | tuple[int, int]:
@@ -77,7 +76,7 @@ def draw_rotations(
     generator of ``device``, i.e. fresh ones that follow the user's ``torch.manual_seed``. Inside
     :func:`rotation_heads` they are a slice of the rotations of all heads.
     """
-    heads = _ROTATION_HEADS.get()
+    heads = _rotation_heads
     total, first = heads if heads is not None else (n_heads, 0)
     if first + n_heads > total:
         raise ValueError(f"heads {first}..{first + n_heads - 1} lie outside the {total} heads being drawn")
