@@ -6,17 +6,22 @@ and compares logits, loss and every parameter's gradient (fp32, 1e-5).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from reformer import ReformerConfig, ReformerLM
 from reformer.parallel import SequenceParallelLM
+from reformer.train.checkpoints import checkpoint_dirs
 
 CASES = [
     # (attention layers, reversible, causal, length, padding holes, train mode)
@@ -114,3 +119,44 @@ def _spawn(world: int, cases) -> None:
 
 def test_two_gloo_ranks_equal_one_process():
     _spawn(2, CASES)
+
+
+FLAGS = [
+    "--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--d-ff", "64", "--bucket-size", "8",
+    "--attn-layers", "local,lsh", "--seq-len", "63", "--batch-size", "2", "--no-progress", "--no-sample",
+    "--device", "cpu", "--eval-every", "1", "--eval-batches", "1",
+]  # fmt: skip
+
+
+def _reformer(*args: str, processes: int = 1, env=None) -> None:
+    launcher = [sys.executable, "-m", "reformer"]
+    if processes > 1:
+        port = str(_free_port())
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                    "--master-addr", "127.0.0.1", "--master-port", port, "-m", "reformer"]  # fmt: skip
+    done = subprocess.run([*launcher, "train", *args, *FLAGS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow  # four launches, about 90 s on two busy cores
+def test_train_sequence_parallel_equals_one_process_and_resumes_across_layouts(tmp_path):
+    """`reformer train --sequence-parallel 2` trains the weights one process trains, and a run resumes in
+    the other layout: 2 steps in one layout + 1 step in the other agree both ways round."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    env = {**os.environ, "REFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(sys.path)}  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    _reformer("--data", str(corpus), "--steps", "2", "--out", str(one), env=env)
+    sp = ["--sequence-parallel", "2"]
+    _reformer("--data", str(corpus), "--steps", "2", "--out", str(two), *sp, processes=2, env=env)
+    first, second = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=2e-6, msg=name)
+    _reformer("--out", str(one), "--resume", "--steps", "3", *sp, processes=2, env=env)
+    _reformer("--out", str(two), "--resume", "--steps", "3", env=env)
+    first, second = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    state = json.loads((checkpoint_dirs(one)[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["sequence_parallel"] == 2
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=2e-6, msg=name)
