@@ -121,6 +121,11 @@ def test_two_gloo_ranks_equal_one_process():
     _spawn(2, CASES)
 
 
+@pytest.mark.slow
+def test_four_gloo_ranks_equal_one_process():
+    _spawn(4, CASES[:2])
+
+
 FLAGS = [
     "--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--d-ff", "64", "--bucket-size", "8",
     "--attn-layers", "local,lsh", "--seq-len", "63", "--batch-size", "2", "--no-progress", "--no-sample",
