@@ -12,11 +12,29 @@ not depend on how many columns the batch drew.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 MAX_UNFACTORISED_BUCKETS = 128
+
+# (total heads, first head) while a sequence-parallel rank hashes its slice of the heads. A plain global
+# (not a ContextVar): torch.compile traces reading it without a graph break.
+_rotation_heads: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def rotation_heads(total_heads: int, first_head: int):
+    """Within this context :func:`draw_rotations` draws the rotations of all ``total_heads`` heads and
+    returns those of heads ``first_head .. first_head + n_heads``: a sequence-parallel rank holding a slice
+    of the heads hashes them exactly as one process holding all of them does."""
+    global _rotation_heads
+    previous, _rotation_heads = _rotation_heads, (total_heads, first_head)
+    try:
+        yield
+    finally:
+        _rotation_heads = previous
 
 
 def auto_n_buckets(length: int, bucket_size: int) -> int | tuple[int, int]:
@@ -86,12 +104,19 @@ def draw_rotations(
 
     With ``seed`` they come from a private CPU generator (the same numbers on every device, and the
     same numbers HF transformers draws after ``torch.manual_seed(seed)``); without it from the default
-    generator of ``device``, i.e. fresh ones that follow the user's ``torch.manual_seed``.
+    generator of ``device``, i.e. fresh ones that follow the user's ``torch.manual_seed``. Inside
+    :func:`rotation_heads` they are a slice of the rotations of all heads.
     """
-    shape = rotation_shape(n_heads, head_dim, n_hashes, n_buckets)
+    heads = _rotation_heads
+    total, first = heads if heads is not None else (n_heads, 0)
+    if first + n_heads > total:
+        raise ValueError(f"heads {first}..{first + n_heads - 1} lie outside the {total} heads being drawn")
+    shape = rotation_shape(total, head_dim, n_hashes, n_buckets)
     if seed is None:
-        return torch.randn(shape, device=device, dtype=torch.float32)
-    return seeded_randn(seed, list(shape)).to(device)
+        rotations = torch.randn(shape, device=device, dtype=torch.float32)
+    else:
+        rotations = seeded_randn(seed, list(shape)).to(device)
+    return rotations if heads is None else rotations[first : first + n_heads]
 
 
 # A custom op rather than plain code: torch.compile cannot trace a private torch.Generator (it would break

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from ..hashing import rotation_heads
+from .sequence_shard import heads_to_tokens, tokens_to_heads
 
 
 class SelfAttentionBase(nn.Module):
@@ -12,7 +18,13 @@ class SelfAttentionBase(nn.Module):
     Subclasses create their input projections with :meth:`projection` and end ``forward`` with
     :meth:`output`. Every subclass's ``forward`` takes ``(x, attention_mask=None, *, n_hashes=None,
     replay=None)`` so that the attention kinds can be swapped per layer.
+
+    With ``sequence_group`` set (by :func:`reformer.parallel.sequence_parallel`) ``x`` holds this rank's
+    ``L / P`` tokens and ``attention_mask`` the whole ``(batch, L)``: :meth:`split_heads` exchanges the
+    projections for whole sequences of ``n_heads / P`` heads and :meth:`output` exchanges them back.
     """
+
+    sequence_group = None  # a torch.distributed process group while sequence parallel
 
     def __init__(self, d_model: int, n_heads: int, d_head: int | None, dropout: float) -> None:
         super().__init__()
@@ -29,11 +41,22 @@ class SelfAttentionBase(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, length, heads * head_dim)`` -> ``(batch, heads, length, head_dim)``."""
+        if self.sequence_group is not None:
+            return tokens_to_heads(x, self.n_heads, self.sequence_group)
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
 
+    def head_context(self) -> contextlib.AbstractContextManager:
+        """Random draws per head (LSH rotations) inside this context are those of this rank's heads."""
+        if self.sequence_group is None:
+            return contextlib.nullcontext()
+        local = self.n_heads // dist.get_world_size(self.sequence_group)
+        return rotation_heads(self.n_heads, dist.get_rank(self.sequence_group) * local)
+
     def output(self, heads: torch.Tensor) -> torch.Tensor:
         """Merge ``(batch, heads, length, head_dim)``, project to ``d_model``, apply dropout."""
+        if self.sequence_group is not None:
+            return self.dropout(self.to_out(heads_to_tokens(heads, self.sequence_group)))
         batch, _, length, _ = heads.shape
         merged = heads.transpose(1, 2).reshape(batch, length, self.n_heads * self.d_head)
         return self.dropout(self.to_out(merged))

@@ -380,16 +380,17 @@ class LSHSelfAttention(SelfAttentionBase):
             hash_seed = call_seed if self.training else self.eval_hash_seed
         replay = {} if replay is None else replay
         own_bucket = self.key_rule == "own_bucket"
-        out, sort_indices, *sorted_buckets = lsh_attention(
-            qk, v,
-            bucket_size=self.bucket_size, n_hashes=n_hashes, n_buckets=self.n_buckets, causal=self.causal,
-            key_rule=self.key_rule, attention_mask=attention_mask, n_chunks_before=self.n_chunks_before,
-            n_chunks_after=self.n_chunks_after, dropout_p=dropout_p,
-            dropout_seed=None if call_seed is None else call_seed + 1,
-            hash_seed=hash_seed, sort_indices=replay.get("sort_indices"), return_sort_indices=True,
-            sorted_buckets=replay.get("sorted_buckets"), return_sorted_buckets=own_bucket,
-            backend=self.backend,
-        )  # fmt: skip
+        with self.head_context():  # sequence parallel: this rank's heads' rotations
+            out, sort_indices, *sorted_buckets = lsh_attention(
+                qk, v,
+                bucket_size=self.bucket_size, n_hashes=n_hashes, n_buckets=self.n_buckets, causal=self.causal,
+                key_rule=self.key_rule, attention_mask=attention_mask, n_chunks_before=self.n_chunks_before,
+                n_chunks_after=self.n_chunks_after, dropout_p=dropout_p,
+                dropout_seed=None if call_seed is None else call_seed + 1,
+                hash_seed=hash_seed, sort_indices=replay.get("sort_indices"), return_sort_indices=True,
+                sorted_buckets=replay.get("sorted_buckets"), return_sorted_buckets=own_bucket,
+                backend=self.backend,
+            )  # fmt: skip
         replay["sort_indices"] = sort_indices
         if own_bucket:
             replay["sorted_buckets"] = sorted_buckets[0].to(torch.int32)  # kept per layer until backward

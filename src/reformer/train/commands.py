@@ -40,6 +40,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall time")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument(
+        "--sequence-parallel", type=int, default=1, metavar="P",
+        help="split each sequence over P processes of a torchrun job (P divides --nproc-per-node; the "
+        "groups of P are data-parallel replicas); a run may resume with another P",
+    )  # fmt: skip
     g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     g.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
@@ -162,7 +167,9 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     try:
-        result = train(cfg, out, resume=args.resume, device=args.device)
+        result = train(
+            cfg, out, resume=args.resume, device=args.device, sequence_parallel=args.sequence_parallel
+        )
     except (TrainingError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

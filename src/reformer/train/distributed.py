@@ -50,6 +50,25 @@ class Distributed:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
         return tensor.tolist()
 
+    def mesh(self, sequence_parallel: int = 1) -> Mesh:
+        """The 2-D layout (data-parallel replicas x sequence-parallel ranks) of this job's processes."""
+        if sequence_parallel < 1 or self.world_size % sequence_parallel:
+            raise TrainingError(
+                f"--sequence-parallel {sequence_parallel} must divide the {self.world_size} process(es)"
+            )
+        if self.world_size == 1:
+            return Mesh(replicas=1, replica=0, data_group=None, sequence_group=None)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (self.world_size // sequence_parallel, sequence_parallel)
+        device_mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("data", "sequence"))
+        return Mesh(
+            replicas=shape[0],
+            replica=device_mesh.get_local_rank("data"),
+            data_group=device_mesh.get_group("data"),
+            sequence_group=device_mesh.get_group("sequence"),
+        )
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch_dist.barrier()
@@ -57,6 +76,17 @@ class Distributed:
     def shutdown(self) -> None:
         if self.world_size > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+@dataclass
+class Mesh:
+    """This process's place on the (data, sequence) mesh: its replica index among ``replicas``, and the
+    process groups of its data-parallel and sequence-parallel dimensions (None in a single process)."""
+
+    replicas: int
+    replica: int
+    data_group: object
+    sequence_group: object
 
 
 def check_replicas(model: ReformerLM, dist: Distributed) -> None:

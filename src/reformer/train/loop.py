@@ -19,6 +19,7 @@ import torch
 from ..data import IGNORE_INDEX, load_corpus
 from ..files import atomic_write_text
 from ..model import ReformerLM
+from ..parallel import SequenceParallelLM
 from .batches import Batches
 from .checkpoints import checkpoint_dirs, load_checkpoint, restore_rng, rng_states, save_checkpoint
 from .config import TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
@@ -55,6 +56,7 @@ def accumulate_gradients(
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     dist: Distributed,
     autocast: contextlib.AbstractContextManager,
+    sequence_parallel: int = 1,
 ) -> float:
     """Backward passes over this process's ``micro_batches`` (``(inputs, targets)`` pairs ``(micro,
     length)``) whose summed gradient is that of the step's whole batch, over all processes: the mean
@@ -62,20 +64,23 @@ def accumulate_gradients(
 
     Each micro-batch's mean is weighted by its share of the step's target tokens (``IGNORE_INDEX`` ones
     do not count), so micro-batches and processes that ignore different numbers of tokens still add up
-    to the full batch; DDP averages gradients over processes, hence the factor ``world_size``.
+    to the full batch; DDP averages gradients over the data-parallel replicas, hence the factor
+    ``replicas``. With ``sequence_parallel`` P the P ranks of a sequence group share their micro-batches
+    (each sums its tokens' share of the gradient; the caller sums those over the group).
     """
+    replicas = dist.world_size // sequence_parallel
     counts = [int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches]
-    step_count = max(dist.all_reduce([float(sum(counts))])[0], 1.0)
+    step_count = max(dist.all_reduce([float(sum(counts))])[0] / sequence_parallel, 1.0)
     total = 0.0
     for i, ((inputs, targets), count) in enumerate(zip(micro_batches, counts, strict=True)):
         inputs, targets = inputs.to(dist.device), targets.to(dist.device)
-        sync = i == len(micro_batches) - 1 or dist.world_size == 1
+        sync = i == len(micro_batches) - 1 or replicas == 1
         with contextlib.nullcontext() if sync else net.no_sync(), autocast:
             # Through forward() (not model.loss), so that DDP's hooks see the step.
-            loss = net(inputs, targets=targets) * (count * dist.world_size / step_count)
+            loss = net(inputs, targets=targets) * (count * replicas / step_count)
         loss.backward()
-        total += float(loss.detach()) / dist.world_size
-    return dist.all_reduce([total])[0]
+        total += float(loss.detach()) / replicas
+    return dist.all_reduce([total])[0] / sequence_parallel
 
 
 @dataclass
@@ -86,22 +91,36 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False, device: str | None = None):
-    """Run (or continue) training into the run folder ``out``; see :mod:`reformer.train` for its layout."""
+def train(
+    cfg: TrainConfig,
+    out: str | os.PathLike,
+    resume: bool = False,
+    device: str | None = None,
+    sequence_parallel: int = 1,
+):
+    """Run (or continue) training into the run folder ``out``; see :mod:`reformer.train` for its layout.
+
+    ``sequence_parallel`` P splits every sequence over P processes (:mod:`reformer.parallel`); the
+    ``world_size / P`` groups of P are data-parallel replicas. It is a property of the launch, not of the
+    run: a run may be resumed with another P or process count.
+    """
     dist = Distributed.setup(device)
     try:
-        return _train(cfg, Path(out), resume, dist)
+        return _train(cfg, Path(out), resume, dist, sequence_parallel)
     finally:
         dist.shutdown()
 
 
-def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> TrainResult:
+def _train(
+    cfg: TrainConfig, run: Path, resume: bool, dist: Distributed, sequence_parallel: int
+) -> TrainResult:
     cfg.validate()
-    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * dist.world_size)
+    mesh = dist.mesh(sequence_parallel)
+    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * mesh.replicas)
     if micro == 0 or rest:
         raise TrainingError(
             f"--batch-size {cfg.batch_size} must be a multiple of --grad-accum {cfg.grad_accum} x "
-            f"{dist.world_size} process(es)"
+            f"{mesh.replicas} data-parallel replica(s)"
         )
     existing = checkpoint_dirs(run)
     if resume and not existing:
@@ -134,10 +153,14 @@ def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> Trai
             f"data: {source}\nmodel: {n_params:,} parameters, {model.config.n_layers} layers", file=sys.stderr
         )
 
-    net = model
-    if dist.world_size > 1:
+    net = evaluated = model
+    if sequence_parallel > 1:
+        net = evaluated = SequenceParallelLM(model, mesh.sequence_group)
+    if mesh.replicas > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            net,
+            device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            process_group=mesh.data_group,
         )
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
     autocast = (
@@ -154,6 +177,7 @@ def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> Trai
         nonlocal checkpoint
         if dist.is_main:
             state["world_size"] = dist.world_size
+            state["sequence_parallel"] = sequence_parallel
             checkpoint = save_checkpoint(
                 run, state, model, optimizer, rng_states(batches), cfg.keep_checkpoints
             )
@@ -168,10 +192,12 @@ def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> Trai
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [
-                batches.next(micro * dist.world_size, dist.rank, dist.world_size)
+                batches.next(micro * mesh.replicas, mesh.replica, mesh.replicas)
                 for _ in range(cfg.grad_accum)
             ]
-            total = accumulate_gradients(net, micro_batches, dist, autocast)
+            total = accumulate_gradients(net, micro_batches, dist, autocast, sequence_parallel)
+            if sequence_parallel > 1:
+                evaluated.sum_gradients()
             if not math.isfinite(total):
                 where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
                 raise TrainingError(
@@ -191,7 +217,7 @@ def _train(cfg: TrainConfig, run: Path, resume: bool, dist: Distributed) -> Trai
                     {"step": step, "split": "train", "loss": total, "lr": lr, "tokens_per_s": tokens_per_s}
                 )
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_eval = evaluate_batches(model, held_out, cfg.task, dist.device)
+                last_eval = evaluate_batches(evaluated, held_out, cfg.task, dist.device)
                 logger.log({"step": step, "split": "eval", **last_eval})
                 logger.plot()
             bar.update(1)

@@ -1,0 +1,167 @@
+"""Sequence parallelism over gloo processes equals one process on the same batch.
+
+Oracle: the same model (same weights, same RNG state) run in one process. Each spawned rank runs both
+and compares logits, loss and every parameter's gradient (fp32, 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from reformer import ReformerConfig, ReformerLM
+from reformer.parallel import SequenceParallelLM
+from reformer.train.checkpoints import checkpoint_dirs
+
+CASES = [
+    # (attention layers, reversible, causal, length, padding holes, train mode)
+    (("lsh", "local", "full", "lsh"), True, True, 37, False, True),
+    (("lsh", "local", "full", "lsh"), False, True, 40, True, True),
+    (("local", "lsh", "full", "lsh"), True, False, 51, True, False),
+    (("lsh", "lsh", "local", "full"), False, False, 64, False, True),
+]
+
+
+def _config(layers, reversible, causal, n_heads=4, d_model=32) -> ReformerConfig:
+    return ReformerConfig(
+        vocab_size=50, d_model=d_model, n_heads=n_heads, n_layers=len(layers), d_ff=64, bucket_size=8,
+        n_hashes=2, max_seq_len=128, local_chunk_size=8, attn_layers=layers, causal=causal,
+        reversible=reversible, initializer_range=0.2, dropout=0.0, attn_dropout=0.0,
+    )  # fmt: skip
+
+
+def _run_case(case, group) -> None:
+    layers, reversible, causal, length, holes, train = case
+    torch.manual_seed(0)
+    cfg = _config(layers, reversible, causal)
+    single = ReformerLM(cfg)
+    parallel = ReformerLM(cfg)
+    parallel.load_state_dict(single.state_dict())
+    sp = SequenceParallelLM(parallel, group)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (2, length), generator=gen)
+    targets = torch.randint(0, 50, (2, length), generator=gen)
+    mask = None
+    if holes:
+        mask = torch.ones(2, length, dtype=torch.long)
+        mask[0, 3:7] = 0
+        mask[1, -9:] = 0
+    single.train(train)
+    sp.train(train)
+    for model in (single, sp):
+        model.zero_grad()
+    torch.manual_seed(5)
+    logits_one = single(ids, mask)
+    torch.manual_seed(5)
+    logits_sp = sp(ids, mask)
+    real = slice(None) if mask is None else mask.bool()
+    torch.testing.assert_close(logits_sp[real], logits_one[real], rtol=1e-5, atol=1e-5)
+    torch.manual_seed(6)
+    loss_one = single.loss(ids, targets, mask)
+    loss_one.backward()
+    torch.manual_seed(6)
+    loss_sp = sp(ids, mask, targets=targets)
+    loss_sp.backward()
+    sp.sum_gradients()
+    torch.testing.assert_close(loss_sp, loss_one, rtol=1e-5, atol=1e-5)
+    for (name, p_one), p_sp in zip(single.named_parameters(), parallel.parameters(), strict=True):
+        assert p_one.grad is not None, name
+        torch.testing.assert_close(
+            p_sp.grad, p_one.grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _worker(rank: int, world: int, port: int, cases, errors) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for case in cases:
+            _run_case(case, None)
+        with pytest.raises(
+            ValueError, match=f"n_heads=3 is not divisible by the sequence-parallel size {world}"
+        ):
+            SequenceParallelLM(ReformerLM(_config(("lsh",), True, True, n_heads=3, d_model=24)))
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, cases) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.spawn(_worker, args=(world, _free_port(), cases, errors), nprocs=world)
+    except Exception:
+        messages = []
+        while not errors.empty():
+            messages.append(errors.get())
+        pytest.fail("\n".join(messages) or "a sequence-parallel worker failed")
+
+
+def test_two_gloo_ranks_equal_one_process():
+    _spawn(2, CASES)
+
+
+@pytest.mark.slow
+def test_four_gloo_ranks_equal_one_process():
+    _spawn(4, CASES[:2])
+
+
+FLAGS = [
+    "--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--d-ff", "64", "--bucket-size", "8",
+    "--attn-layers", "local,lsh", "--seq-len", "63", "--batch-size", "2", "--no-progress", "--no-sample",
+    "--device", "cpu", "--eval-every", "1", "--eval-batches", "1",
+]  # fmt: skip
+
+
+def _reformer(*args: str, processes: int = 1, env=None) -> None:
+    launcher = [sys.executable, "-m", "reformer"]
+    if processes > 1:
+        port = str(_free_port())
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                    "--master-addr", "127.0.0.1", "--master-port", port, "-m", "reformer"]  # fmt: skip
+    done = subprocess.run([*launcher, "train", *args, *FLAGS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow  # four launches, about 90 s on two busy cores
+def test_train_sequence_parallel_equals_one_process_and_resumes_across_layouts(tmp_path):
+    """`reformer train --sequence-parallel 2` trains the weights one process trains, and a run resumes in
+    the other layout: 2 steps in one layout + 1 step in the other agree both ways round."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    env = {**os.environ, "REFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(sys.path)}  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    _reformer("--data", str(corpus), "--steps", "2", "--out", str(one), env=env)
+    sp = ["--sequence-parallel", "2"]
+    _reformer("--data", str(corpus), "--steps", "2", "--out", str(two), *sp, processes=2, env=env)
+    first, second = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=2e-6, msg=name)
+    _reformer("--out", str(one), "--resume", "--steps", "3", *sp, processes=2, env=env)
+    _reformer("--out", str(two), "--resume", "--steps", "3", env=env)
+    first, second = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    state = json.loads((checkpoint_dirs(one)[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["sequence_parallel"] == 2
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=2e-6, msg=name)
