@@ -107,16 +107,21 @@ def draw_rotations(
     generator of ``device``, i.e. fresh ones that follow the user's ``torch.manual_seed``. Inside
     :func:`rotation_heads` they are a slice of the rotations of all heads.
     """
-    heads = _rotation_heads
-    total, first = heads if heads is not None else (n_heads, 0)
-    if first + n_heads > total:
-        raise ValueError(f"heads {first}..{first + n_heads - 1} lie outside the {total} heads being drawn")
+    total, first = _drawn_heads(n_heads)
     shape = rotation_shape(total, head_dim, n_hashes, n_buckets)
     if seed is None:
         rotations = torch.randn(shape, device=device, dtype=torch.float32)
     else:
         rotations = seeded_randn(seed, list(shape)).to(device)
-    return rotations if heads is None else rotations[first : first + n_heads]
+    return rotations[first : first + n_heads]
+
+
+def _drawn_heads(n_heads: int) -> tuple[int, int]:
+    """(heads to draw, first head to keep): all heads, or inside :func:`rotation_heads` this rank's slice."""
+    total, first = _rotation_heads if _rotation_heads is not None else (n_heads, 0)
+    if first + n_heads > total:
+        raise ValueError(f"heads {first}..{first + n_heads - 1} lie outside the {total} heads being drawn")
+    return total, first
 
 
 # A custom op rather than plain code: torch.compile cannot trace a private torch.Generator (it would break
@@ -146,8 +151,10 @@ def draw_column_rotations(
 ) -> torch.Tensor:
     """Gaussian rotations ``(n_heads, head_dim, n_hashes, width)`` float32 whose column ``j`` is drawn
     from its own seed derived from ``(seed, j)``: the first ``k`` columns are the same for every
-    ``width >= k``. (Not the numbers of :func:`draw_rotations`, which stays HF's draw.)"""
-    return column_seeded_randn(seed, [n_heads, head_dim, n_hashes], width).to(device)
+    ``width >= k``. (Not the numbers of :func:`draw_rotations`, which stays HF's draw.) Inside
+    :func:`rotation_heads` they are a slice of the rotations of all heads."""
+    total, first = _drawn_heads(n_heads)
+    return column_seeded_randn(seed, [total, head_dim, n_hashes], width)[first : first + n_heads].to(device)
 
 
 def column_seed(seed: int, column: int) -> int:
