@@ -67,10 +67,11 @@ def _real_first_order(attention_mask: torch.Tensor) -> torch.Tensor:
 def chunked_cross_entropy(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_size: int
 ) -> torch.Tensor:
-    """Summed cross-entropy (float32) of ``head(hidden)`` against ``targets`` ``(batch, length)`` int64,
-    ``chunk_size`` positions at a time with the logits recomputed in the backward pass, so
-    ``length x n_classes`` logits are never held at once. ``hidden``: ``(batch, length, 2 * d_model)``."""
-    total = hidden.new_zeros((), dtype=torch.float32)
+    """Summed cross-entropy (float32; float64 for float64 models) of ``head(hidden)`` against ``targets``
+    ``(batch, length)`` int64, ``chunk_size`` positions at a time with the logits recomputed in the
+    backward pass, so ``length x n_classes`` logits are never held at once.
+    ``hidden``: ``(batch, length, 2 * d_model)``."""
+    total = hidden.new_zeros((), dtype=loss_dtype(hidden.dtype))
     for h, t in zip(hidden.split(chunk_size, dim=1), targets.split(chunk_size, dim=1), strict=True):
         if torch.is_grad_enabled() and h.requires_grad:
             total = total + checkpoint(_chunk_loss, head, h, t, ignore_index, use_reentrant=False)
@@ -79,8 +80,14 @@ def chunked_cross_entropy(
     return total
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses are computed in float32, or in float64 for float64 models (low-precision logits are upcast)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    logits = head(hidden).float()
+    logits = head(hidden)
+    logits = logits.to(loss_dtype(logits.dtype))
     return F.cross_entropy(
         logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
     )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ReformerConfig
-from .base import ReformerTrunk, chunked_cross_entropy
+from .base import ReformerTrunk, chunked_cross_entropy, loss_dtype
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 IGNORE_INDEX = -100
@@ -184,7 +184,7 @@ class ReformerForSequenceClassification(ReformerTrunk):
         batch = logits.shape[0]
         if self.problem_type == "single_label_classification":
             _check_class_labels(labels, (batch,), self.n_labels, "labels")
-            return F.cross_entropy(logits.float(), labels.long())
+            return F.cross_entropy(logits.to(loss_dtype(logits.dtype)), labels.long())
         if not labels.is_floating_point():
             raise TypeError(f"{self.problem_type} needs float labels, got dtype {labels.dtype}")
         if self.problem_type == "regression":
@@ -195,12 +195,14 @@ class ReformerForSequenceClassification(ReformerTrunk):
                     f"regression labels must have shape {tuple(logits.shape)}"
                     f"{' or (batch,)' if self.n_labels == 1 else ''}, got {tuple(labels.shape)}"
                 )
-            return F.mse_loss(logits.float(), labels.float())
+            return F.mse_loss(logits.to(loss_dtype(logits.dtype)), labels.to(loss_dtype(logits.dtype)))
         if labels.shape != logits.shape:
             raise ValueError(
                 f"multi-label labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}"
             )
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return F.binary_cross_entropy_with_logits(
+            logits.to(loss_dtype(logits.dtype)), labels.to(loss_dtype(logits.dtype))
+        )
 
 
 class ReformerForTokenClassification(ReformerTrunk):
@@ -284,7 +286,9 @@ class ReformerForQuestionAnswering(ReformerTrunk):
                 rows = answered.nonzero()[:, 0]
                 if (attention_mask[rows, positions[rows]] == 0).any():
                     raise ValueError(f"{what}_positions point at padding; an answer must lie on real tokens")
-            total = F.cross_entropy(scores.float(), positions, ignore_index=IGNORE_INDEX, reduction="sum")
+            total = F.cross_entropy(
+                scores.to(loss_dtype(scores.dtype)), positions, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             losses.append(total / (positions != IGNORE_INDEX).sum().clamp(min=1))
         return (losses[0] + losses[1]) / 2
 
