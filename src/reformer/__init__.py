@@ -9,7 +9,14 @@ from .attention import (
     lsh_attention,
 )
 from .config import ReformerConfig
-from .model import ReformerLM
+from .models import (
+    ReformerEncoder,
+    ReformerForMaskedLM,
+    ReformerForQuestionAnswering,
+    ReformerForSequenceClassification,
+    ReformerForTokenClassification,
+    ReformerLM,
+)
 from .reversible import ReformerBlock, ReversibleSequence
 
 __version__ = "0.1.0"
@@ -20,6 +27,11 @@ __all__ = [
     "LocalSelfAttention",
     "ReformerBlock",
     "ReformerConfig",
+    "ReformerEncoder",
+    "ReformerForMaskedLM",
+    "ReformerForQuestionAnswering",
+    "ReformerForSequenceClassification",
+    "ReformerForTokenClassification",
     "ReformerLM",
     "ReversibleSequence",
     "full_attention",

@@ -1,4 +1,6 @@
-"""Conversion to and from HF transformers' Reformer (``ReformerModelWithLMHead``) checkpoints.
+"""Conversion to and from HF transformers' Reformer checkpoints: ``ReformerModelWithLMHead`` (our
+:class:`~reformer.ReformerLM`), ``ReformerForMaskedLM``, ``ReformerForSequenceClassification`` and
+``ReformerForQuestionAnswering`` (our heads of the same names; see ``HF_CLASSES``).
 
 Reading needs no ``transformers``: a model object is read through its ``config`` and ``state_dict()``,
 a folder through its ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin``. Writing an HF
@@ -25,7 +27,15 @@ from typing import Any
 import torch
 
 from .config import ReformerConfig, read_json_object
-from .model import ReformerLM
+from .models import ReformerLM
+
+# Our head kinds -> HF transformers class names.
+HF_CLASSES = {
+    "lm": "ReformerModelWithLMHead",
+    "masked_lm": "ReformerForMaskedLM",
+    "sequence_classification": "ReformerForSequenceClassification",
+    "question_answering": "ReformerForQuestionAnswering",
+}
 
 ENWIK8_ID_OFFSET = 2  # HF's enwik8 checkpoint: byte b has id b + 2; ids 0 (padding) and 1 are specials
 
@@ -144,8 +154,21 @@ _KIND_NAMES = {
 }
 
 
-def name_map(config: ReformerConfig) -> dict[str, str]:
-    """Our parameter names -> HF ``ReformerModelWithLMHead`` parameter names."""
+def _head_names(head_kind: str) -> dict[str, str]:
+    if head_kind in ("lm", "masked_lm"):
+        return {"lm_head.weight": "lm_head.decoder.weight", "lm_head.bias": "lm_head.bias"}
+    if head_kind == "sequence_classification":
+        names = [f"classifier.{layer}.{p}" for layer in ("dense", "out_proj") for p in ("weight", "bias")]
+        return {name: name for name in names}
+    if head_kind == "question_answering":
+        return {"qa_outputs.weight": "qa_outputs.weight", "qa_outputs.bias": "qa_outputs.bias"}
+    raise ValueError(
+        f"HF transformers has no Reformer model for our {head_kind!r}; convertible: {sorted(HF_CLASSES)}"
+    )
+
+
+def name_map(config: ReformerConfig, head_kind: str = "lm") -> dict[str, str]:
+    """Our parameter names -> HF parameter names, for the model of ``head_kind`` (``HF_CLASSES``)."""
     names = {"embeddings.tokens.weight": "reformer.embeddings.word_embeddings.weight"}
     for axis in range(len(config.axial_pos_shape)):
         names[f"embeddings.positions.weights.{axis}"] = (
@@ -158,21 +181,22 @@ def name_map(config: ReformerConfig) -> dict[str, str]:
         {
             "final_norm.weight": "reformer.encoder.layer_norm.weight",
             "final_norm.bias": "reformer.encoder.layer_norm.bias",
-            "lm_head.weight": "lm_head.decoder.weight",
-            "lm_head.bias": "lm_head.bias",
         }
     )
+    names.update(_head_names(head_kind))
     return names
 
 
-def state_dict_from_hf(config: ReformerConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(
+    config: ReformerConfig, hf_state: dict[str, torch.Tensor], head_kind: str = "lm"
+) -> dict[str, torch.Tensor]:
     out = {}
-    for ours, theirs in name_map(config).items():
+    for ours, theirs in name_map(config, head_kind).items():
         if theirs not in hf_state and theirs == "lm_head.bias":
             theirs = "lm_head.decoder.bias"
         if theirs not in hf_state:
             raise ValueError(
-                f"the HF checkpoint has no {theirs!r} (needed for {ours!r}); is it a ReformerModelWithLMHead?"
+                f"the HF checkpoint has no {theirs!r} (needed for {ours!r}); is it a {HF_CLASSES[head_kind]}?"
             )
         out[ours] = hf_state[theirs].detach().clone()
     return out
@@ -197,9 +221,45 @@ def _read_hf_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
-def from_hf(model_or_dir: Any) -> ReformerLM:
-    """A :class:`~reformer.ReformerLM` with the config and weights of an HF ``ReformerModelWithLMHead``
-    (the object, or a local folder with ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin``)."""
+def head_settings_from_hf(hf_config: Any, head_kind: str) -> dict[str, Any]:
+    """The keyword arguments of our head class for an HF config."""
+    if head_kind == "sequence_classification":
+        n_labels = _get(hf_config, "num_labels", 2)
+        problem_type = _get(hf_config, "problem_type")
+        if problem_type is None:  # HF decides on first use; this is its rule for its default int labels
+            problem_type = "regression" if n_labels == 1 else "single_label_classification"
+        dropout = _get(hf_config, "classifier_dropout")
+        return {"n_labels": n_labels, "problem_type": problem_type, "classifier_dropout": dropout}
+    if head_kind == "question_answering" and _get(hf_config, "num_labels", 2) != 2:
+        raise ValueError(
+            f"this HF ReformerForQuestionAnswering has num_labels={_get(hf_config, 'num_labels')}; "
+            "extractive QA needs 2 (start and end)"
+        )
+    return {}
+
+
+def head_settings_to_hf(model: Any) -> dict[str, Any]:
+    """The HF config entries of ``model``'s head settings."""
+    if model.head_kind == "sequence_classification":
+        return dict(
+            num_labels=model.n_labels, problem_type=model.problem_type,
+            classifier_dropout=model.classifier_dropout,
+        )  # fmt: skip
+    if model.head_kind == "question_answering":
+        return dict(num_labels=2)
+    return {}
+
+
+def from_hf(model_or_dir: Any, model_class: type | None = None):
+    """A ``model_class`` (default :class:`~reformer.ReformerLM`) with the config and weights of the
+    matching HF model (``HF_CLASSES``): the object, or a local folder with ``config.json`` and
+    ``model.safetensors`` / ``pytorch_model.bin``."""
+    model_class = ReformerLM if model_class is None else model_class
+    head_kind = model_class.head_kind
+    if head_kind not in HF_CLASSES:
+        raise ValueError(
+            f"{model_class.__name__} has no HF transformers counterpart; convertible: {sorted(HF_CLASSES)}"
+        )
     if isinstance(model_or_dir, (str, os.PathLike)):
         folder = Path(model_or_dir)
         if not folder.is_dir():
@@ -209,27 +269,36 @@ def from_hf(model_or_dir: Any) -> ReformerLM:
         hf_config, hf_state = model_or_dir.config, model_or_dir.state_dict()
     else:
         raise TypeError(
-            f"from_hf takes an HF ReformerModelWithLMHead or a folder path, got {type(model_or_dir).__name__}"
+            f"from_hf takes an HF {HF_CLASSES[head_kind]} or a folder path, got {type(model_or_dir).__name__}"
         )
     config = config_from_hf(hf_config)
-    model = ReformerLM(config)
-    model.load_state_dict(state_dict_from_hf(config, hf_state))
+    if model_class.bidirectional and config.causal:
+        raise ValueError(
+            f"the HF model has is_decoder=True (causal attention); {model_class.__name__} is bidirectional: "
+            "convert an is_decoder=False model"
+        )
+    model = model_class(config, **head_settings_from_hf(hf_config, head_kind))
+    model.load_state_dict(state_dict_from_hf(config, hf_state, head_kind))
     return model
 
 
 def to_hf(model):
-    """An HF ``ReformerModelWithLMHead`` with ``model``'s config and weights (needs the ``[hf]`` extra)."""
+    """The HF transformers model matching ``model`` (``HF_CLASSES``) with its config and weights (needs
+    the ``[hf]`` extra)."""
     try:
         import transformers
     except ImportError as err:
         raise ImportError(
             "to_hf needs HF transformers: pip install 'reformer[hf]' (or pip install transformers)"
         ) from err
-    hf_model = transformers.ReformerModelWithLMHead(
-        transformers.ReformerConfig(**config_to_hf_dict(model.config))
-    )
+    hf_kwargs = config_to_hf_dict(model.config)  # refuses what HF's Reformer cannot express
+    names = name_map(model.config, model.head_kind)  # refuses heads HF does not have
+    hf_class = getattr(transformers, HF_CLASSES[model.head_kind])
+    hf_config = transformers.ReformerConfig(**hf_kwargs, **head_settings_to_hf(model))
+    hf_model = hf_class(hf_config)
     state = model.state_dict()
-    hf_state = {theirs: state[ours] for ours, theirs in name_map(model.config).items()}
-    hf_state["lm_head.decoder.bias"] = hf_state["lm_head.bias"]
+    hf_state = {theirs: state[ours] for ours, theirs in names.items()}
+    if "lm_head.bias" in hf_state:
+        hf_state["lm_head.decoder.bias"] = hf_state["lm_head.bias"]
     hf_model.load_state_dict(hf_state, strict=True)
     return hf_model.eval() if not model.training else hf_model

@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention.base import SelfAttentionBase
 from ..attention.sequence_shard import check_heads
-from ..model import ReformerLM, _real_first_order
+from ..models.base import _real_first_order
+from ..models.lm import ReformerLM
 
 
 class _GatherTokens(torch.autograd.Function):

@@ -1,0 +1,101 @@
+"""ReformerLM: the shared trunk (embeddings -> reversible stack -> final norm) -> LM head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ReformerConfig
+from .base import ReformerTrunk, chunked_cross_entropy
+
+
+class ReformerLM(ReformerTrunk):
+    """A Reformer language model.
+
+    ``input_ids`` ``(batch, length)`` int64 in ``[0, vocab_size)`` -> logits
+    ``(batch, length, vocab_size)``. Any length up to ``max_seq_len`` works: attention pads to its chunk
+    multiples internally and masks the padding.
+    """
+
+    head_kind = "lm"
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__(config)
+        self.lm_head = nn.Linear(2 * config.d_model, config.vocab_size)
+        self.apply(self._init_weights)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        n_hashes: int | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(batch, length, vocab_size)``. ``attention_mask``: ``(batch, length)``, 1 = real token;
+        ``n_hashes`` overrides the LSH rounds for this call. With ``targets`` ``(batch, length)`` it
+        returns :meth:`loss` instead (so wrappers such as DistributedDataParallel see one forward)."""
+        if targets is not None:
+            return self.loss(input_ids, targets, attention_mask, n_hashes)
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, n_hashes))
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        n_hashes: int | None = None,
+        ignore_index: int = -100,
+        chunk_size: int = 4096,
+    ) -> torch.Tensor:
+        """Mean cross-entropy in nats of ``targets`` ``(batch, length)`` int64 (``ignore_index`` skipped).
+
+        The logits are made ``chunk_size`` positions at a time and recomputed in the backward pass, so
+        ``length x vocab_size`` logits are never held at once.
+        """
+        if targets.shape != input_ids.shape:
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
+        hidden = self.hidden_states(input_ids, attention_mask, n_hashes)
+        targets = targets.to(hidden.device).long()
+        if attention_mask is not None:
+            targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
+        total = chunked_cross_entropy(self.lm_head, hidden, targets, ignore_index, chunk_size)
+        count = (targets != ignore_index).sum().clamp(min=1)
+        return total / count
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 100,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        n_hashes: int | None = None,
+        generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
+        n_buckets: int | tuple[int, ...] | None = None,
+        hf_compatible: bool = False,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after ``input_ids`` ``(batch, length)``; returns
+        ``(batch, length + max_new_tokens)``, the prompt followed by the new ids.
+
+        ``temperature=0`` is greedy; otherwise ``top_k`` / ``top_p`` (nucleus) cut the distribution and
+        ``generator`` draws. ``attention_mask`` ``(batch, length)`` (1 = real) allows left-padded prompts
+        of different lengths. One run fixes the LSH bucket count (``n_buckets``, else the config's, else
+        the automatic count for prompt + new tokens) and the rotations. ``use_cache=True`` keeps per-layer
+        keys/values/buckets and costs one token's forward per step; ``use_cache=False`` recomputes the
+        whole (trailing ``max_seq_len``) context per step. See :mod:`reformer.generation` for when the two
+        are exactly equal. ``hf_compatible=True`` makes the cached LSH step follow HF transformers' rule
+        (which differs from the chunked computation) so that converted models generate HF's tokens.
+        """
+        from ..generation import generate
+
+        return generate(
+            self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            use_cache=use_cache, n_hashes=n_hashes, generator=generator, attention_mask=attention_mask,
+            n_buckets=n_buckets, hf_compatible=hf_compatible,
+        )  # fmt: skip
