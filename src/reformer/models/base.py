@@ -65,18 +65,24 @@ def _real_first_order(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_cross_entropy(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_size: int
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Summed cross-entropy (float32; float64 for float64 models) of ``head(hidden)`` against ``targets``
-    ``(batch, length)`` int64, ``chunk_size`` positions at a time with the logits recomputed in the
-    backward pass, so ``length x n_classes`` logits are never held at once.
+    """Summed cross-entropy of ``head(hidden)`` against ``targets`` ``(batch, length)`` int64, in ``dtype``
+    (default: float32, float64 for float64 models), ``chunk_size`` positions at a time with the logits
+    recomputed in the backward pass, so ``length x n_classes`` logits are never held at once.
     ``hidden``: ``(batch, length, 2 * d_model)``."""
-    total = hidden.new_zeros((), dtype=loss_dtype(hidden.dtype))
+    dtype = loss_dtype(hidden.dtype) if dtype is None else dtype
+    total = hidden.new_zeros((), dtype=dtype)
     for h, t in zip(hidden.split(chunk_size, dim=1), targets.split(chunk_size, dim=1), strict=True):
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_loss, head, h, t, ignore_index, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, head, h, t, ignore_index, dtype, use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, h, t, ignore_index)
+            total = total + _chunk_loss(head, h, t, ignore_index, dtype)
     return total
 
 
@@ -85,9 +91,8 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    logits = head(hidden)
-    logits = logits.to(loss_dtype(logits.dtype))
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int, dtype):
+    logits = head(hidden).to(dtype)
     return F.cross_entropy(
         logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
     )

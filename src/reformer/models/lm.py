@@ -62,7 +62,8 @@ class ReformerLM(ReformerTrunk):
         targets = targets.to(hidden.device).long()
         if attention_mask is not None:
             targets = targets.masked_fill(~attention_mask.bool(), ignore_index)
-        total = chunked_cross_entropy(self.lm_head, hidden, targets, ignore_index, chunk_size)
+        # float32 in every precision, as before the encoder family and as HF's causal-LM loss.
+        total = chunked_cross_entropy(self.lm_head, hidden, targets, ignore_index, chunk_size, torch.float32)
         count = (targets != ignore_index).sum().clamp(min=1)
         return total / count
 

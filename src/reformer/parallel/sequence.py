@@ -23,11 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..attention.base import SelfAttentionBase
 from ..attention.sequence_shard import check_heads
-from ..models.base import _real_first_order
+from ..models.base import _real_first_order, chunked_cross_entropy
 from ..models.lm import ReformerLM
 
 
@@ -157,13 +156,10 @@ class SequenceParallelLM(nn.Module):
             targets = targets.masked_fill(~mask.bool(), ignore_index)
         local = hidden.shape[1]
         targets = targets[:, self.rank * local : (self.rank + 1) * local]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for h, t in zip(hidden.split(chunk_size, dim=1), targets.split(chunk_size, dim=1), strict=True):
-            if torch.is_grad_enabled() and h.requires_grad:
-                total = total + checkpoint(self.model._chunk_loss, h, t, ignore_index, use_reentrant=False)
-            else:
-                total = total + self.model._chunk_loss(h, t, ignore_index)
-        count = (targets != ignore_index).sum().to(torch.float32)
+        total = chunked_cross_entropy(
+            self.model.lm_head, hidden, targets, ignore_index, chunk_size, torch.float32
+        )
+        count = (targets != ignore_index).sum().to(total.dtype)
         dist.all_reduce(count, group=self.group)
         return _SumOverGroup.apply(total, self.group) / count.clamp(min=1)
 
