@@ -84,8 +84,13 @@ MUTATIONS = [
     ),
     Mutation(
         "argmax-tie-break", "hashing.py",
-        "torch.where(top >= -bottom,", "torch.where(top > -bottom,",
+        "torch.where(top >= -bottom, top_idx, bottom_idx", "torch.where(top > -bottom, top_idx, bottom_idx",
         "argmax(cat([x, -x])) ties resolved to the negative half",
+    ),
+    Mutation(
+        "per-row-argmax-tie-break", "hashing.py",
+        "torch.where(top >= -bottom, top_idx - start", "torch.where(top > -bottom, top_idx - start",
+        "the automatic per-row hashing resolves argmax ties to the negative half",
     ),
     Mutation(
         "factor-combination", "hashing.py",
@@ -163,7 +168,7 @@ MUTATIONS = [
         "axial position digits in the transposed order (first axis fastest)",
     ),
     Mutation(
-        "loss-normaliser", "model.py",
+        "loss-normaliser", "models/lm.py",
         "count = (targets != ignore_index).sum().clamp(min=1)", "count = targets.numel()",
         "loss divided by all targets, ignored ones included",
     ),
