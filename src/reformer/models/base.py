@@ -196,6 +196,19 @@ class ReformerTrunk(nn.Module):
                 f"found ids in [{low}, {high}]"
             )
 
+    def real_tokens_first(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Checked ``input_ids`` and ``attention_mask`` ``(batch, length)`` with each row's real tokens
+        moved to the front (in order), and the ``order`` ``(batch, length)`` that did it (None without a
+        mask): ``moved = original.gather(1, order)``."""
+        self._check_inputs(input_ids, attention_mask)
+        if attention_mask is None:
+            return input_ids, None, None
+        attention_mask = attention_mask.to(input_ids.device)
+        order = _real_first_order(attention_mask != 0)
+        return input_ids.gather(1, order), attention_mask.gather(1, order), order
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -209,12 +222,7 @@ class ReformerTrunk(nn.Module):
         tokens only, wherever the padding is (left, right or holes): positions, local-attention chunks
         and LSH buckets are those of the row alone. Outputs at padding positions are unspecified.
         """
-        self._check_inputs(input_ids, attention_mask)
-        order = None
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(input_ids.device)
-            order = _real_first_order(attention_mask != 0)
-            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        input_ids, attention_mask, order = self.real_tokens_first(input_ids, attention_mask)
         x = self.embeddings(input_ids.long())
         y1, y2 = self.layers(x, x, attention_mask, n_hashes)
         hidden = self.final_norm(torch.cat([y1, y2], dim=-1))

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..attention.base import SelfAttentionBase
 from ..attention.sequence_shard import check_heads
-from ..models.base import _real_first_order, chunked_cross_entropy
+from ..models.base import chunked_cross_entropy
 from ..models.lm import ReformerLM
 
 
@@ -103,12 +103,7 @@ class SequenceParallelLM(nn.Module):
         """This rank's final hidden states ``(batch, Lp / P, 2 d_model)``, the real-first ``order`` (or
         None) and the padded mask ``(batch, Lp)`` (or None), ``Lp`` = ``L`` rounded up to ``P``."""
         model = self.model
-        model._check_inputs(input_ids, attention_mask)
-        order = None
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(input_ids.device)
-            order = _real_first_order(attention_mask != 0)
-            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        input_ids, attention_mask, order = model.real_tokens_first(input_ids, attention_mask)
         batch, length = input_ids.shape
         extra = -length % self.size
         if extra:
