@@ -11,11 +11,13 @@ from .attention import (
 from .config import ReformerConfig
 from .models import (
     ReformerEncoder,
+    ReformerEncoderDecoder,
     ReformerForMaskedLM,
     ReformerForQuestionAnswering,
     ReformerForSequenceClassification,
     ReformerForTokenClassification,
     ReformerLM,
+    Seq2SeqConfig,
 )
 from .reversible import ReformerBlock, ReversibleSequence
 
@@ -28,12 +30,14 @@ __all__ = [
     "ReformerBlock",
     "ReformerConfig",
     "ReformerEncoder",
+    "ReformerEncoderDecoder",
     "ReformerForMaskedLM",
     "ReformerForQuestionAnswering",
     "ReformerForSequenceClassification",
     "ReformerForTokenClassification",
     "ReformerLM",
     "ReversibleSequence",
+    "Seq2SeqConfig",
     "full_attention",
     "local_attention",
     "lsh_attention",

@@ -9,13 +9,17 @@ from .heads import (
     ReformerForTokenClassification,
 )
 from .lm import ReformerLM
+from .seq2seq import ReformerEncoderDecoder
+from .seq2seq_config import Seq2SeqConfig
 
 __all__ = [
     "ReformerEncoder",
+    "ReformerEncoderDecoder",
     "ReformerForMaskedLM",
     "ReformerForQuestionAnswering",
     "ReformerForSequenceClassification",
     "ReformerForTokenClassification",
     "ReformerLM",
     "ReformerTrunk",
+    "Seq2SeqConfig",
 ]
