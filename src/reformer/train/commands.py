@@ -10,12 +10,23 @@ from pathlib import Path
 
 from ..config import read_json_object
 from ..model import ReformerLM
-from .config import PRECISIONS, PRESETS, SCHEDULES, TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError
+from .config import (
+    PRECISIONS,
+    PRESETS,
+    SCHEDULES,
+    SEQ2SEQ_TASKS,
+    TASKS,
+    TRAIN_CONFIG_FILE,
+    TrainConfig,
+    TrainingError,
+)
 from .evaluation import evaluate_run, sample_text
 from .loop import train
 
 # Flags of `reformer train` that map onto ReformerConfig fields.
 MODEL_FLAGS = ("d_model", "n_heads", "n_layers", "d_ff", "bucket_size", "n_hashes", "dropout", "hash_seed")
+# Flags of the encoder-decoder tasks (train/seq2seq.py), also model settings.
+MODEL_FLAGS += ("cross_attention", "cross_n_hashes", "cross_chunk_size", "cross_window")
 # Settings a resumed run may change; everything else must match the saved run.
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "max_minutes", "progress")
 
@@ -24,7 +35,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH", help="text/binary files or folders, or enwik8[.zip] "
                    "(default: the Python standard library sources of this machine)")  # fmt: skip
     p.add_argument("--task", choices=TASKS, help="lm: next-byte prediction (default); copy: the paper's "
-                   "duplication task 0w0w")  # fmt: skip
+                   "duplication task 0w0w; reverse / sort / pairs (--data F.jsonl): encoder-decoder "
+                   "(preset seq2seq)")  # fmt: skip
     p.add_argument(
         "--preset", choices=sorted(PRESETS), help="model and run settings to start from (default tiny)"
     )
@@ -71,11 +83,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--n-hashes", type=int, help="LSH hash rounds")
     m.add_argument("--dropout", type=float)
     m.add_argument("--hash-seed", type=int, help="fix the hash rotations (default: fresh every step)")
+    m.add_argument("--cross-attention", choices=("full", "lsh"), help="encoder-decoder tasks: exact or LSH")
+    m.add_argument("--cross-n-hashes", type=int, help="LSH cross-attention hash rounds")
+    m.add_argument("--cross-chunk-size", type=int, help="LSH cross-attention query chunk length")
+    m.add_argument("--cross-window", type=int, help="LSH cross-attention keys per query chunk")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Preset settings overridden by the flags given on the command line."""
-    preset_name = args.preset or ("copy" if args.task == "copy" else "tiny")
+    preset_name = args.preset or default_preset(args.task)
     preset = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[preset_name].items()}
     if args.task == "lm" and preset.get("task") == "copy":
         raise ValueError(f"--preset {preset_name} is a copy-task preset; drop --task lm or pick tiny/enwik8")
@@ -109,6 +125,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model.pop("max_seq_len", None)
     cfg.model = model
     return cfg
+
+
+def default_preset(task: str | None) -> str:
+    """The preset a task starts from when --preset is not given."""
+    return {"copy": "copy", "reverse": "seq2seq", "sort": "seq2seq", "pairs": "seq2seq"}.get(task, "tiny")
 
 
 def resumed_config(args: argparse.Namespace, run: Path) -> TrainConfig:
@@ -159,7 +180,7 @@ def _flag(name: str) -> str:
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    out = Path(args.out or f"runs/{args.preset or ('copy' if args.task == 'copy' else 'tiny')}")
+    out = Path(args.out or f"runs/{args.preset or default_preset(args.task)}")
     try:
         cfg = resumed_config(args, out) if args.resume else config_from_args(args)
         cfg.validate()
@@ -181,6 +202,12 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"saved {out} (step {result.step}): " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     )
     if not args.no_sample:
+        if cfg.task in SEQ2SEQ_TASKS:
+            from .seq2seq import evaluate_seq2seq_run
+
+            metrics = evaluate_seq2seq_run(out, n_hashes=8)
+            print(f"held-out token accuracy with 8 hashes: {metrics['accuracy']:.4f}")
+            return 0
         model = ReformerLM.from_pretrained(out)
         if cfg.task == "lm":
             print("sample:\n" + sample_text(model))

@@ -9,7 +9,8 @@ from typing import Any
 from ..config import ReformerConfig, dataclass_from_dict, default_axial_shape
 
 TRAIN_CONFIG_FILE = "train_config.json"
-TASKS = ("lm", "copy")
+TASKS = ("lm", "copy", "reverse", "sort", "pairs")
+SEQ2SEQ_TASKS = ("reverse", "sort", "pairs")  # encoder-decoder tasks: train/seq2seq.py
 SCHEDULES = ("rsqrt", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 COPY_VOCAB = 128  # symbols 0..127
@@ -36,6 +37,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=dict(vocab_size=COPY_VOCAB, d_model=256, n_heads=4, n_layers=1, d_ff=512, bucket_size=64,
                    n_hashes=4, attn_layers=("lsh",), axial_pos_shape=(1024,), axial_pos_dims=(256,)),
         seq_len=1024, batch_size=32, steps=3000, lr=2e-3, warmup=200, eval_every=250, save_every=500,
+    ),
+    # Encoder-decoder (train/seq2seq.py): 2 + 2 layers, exact cross-attention, learned positions.
+    "seq2seq": dict(
+        task="reverse",
+        model=dict(d_model=128, n_heads=4, n_layers=2, d_ff=256, attn_layers=("full", "full"),
+                   axial_pos_shape=(128,), axial_pos_dims=(128,), cross_attention="full"),
+        seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=100, eval_every=100, save_every=200,
+        eval_batches=4,
     ),
     # The paper's enwik8 model: 12 layers, d_model 1024, d_ff 4096, 8 heads, 64K tokens.
     "enwik8": dict(
@@ -106,6 +115,10 @@ class TrainConfig:
             raise ValueError(f"the copy task needs an even --seq-len of at least 4, got {self.seq_len}")
 
     def model_config(self) -> ReformerConfig:
+        if self.task in SEQ2SEQ_TASKS:
+            from .seq2seq import model_config
+
+            return model_config(self)
         settings = dict(self.model)
         settings.setdefault("max_seq_len", self.seq_len)
         if "axial_pos_shape" not in settings:

@@ -19,13 +19,15 @@ import torch
 from ..data import IGNORE_INDEX, load_corpus
 from ..files import atomic_write_text
 from ..model import ReformerLM
+from ..models.seq2seq import ReformerEncoderDecoder
 from ..parallel import SequenceParallelLM
 from .batches import Batches
 from .checkpoints import checkpoint_dirs, load_checkpoint, restore_rng, rng_states, save_checkpoint
-from .config import TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
+from .config import SEQ2SEQ_TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
 from .distributed import Distributed, check_replicas
 from .evaluation import evaluate_batches
 from .metrics import MetricsLog, postfix, progress_bar
+from .seq2seq import Seq2SeqBatches, TeacherForced, evaluate_seq2seq
 
 
 class StopRequest:
@@ -132,11 +134,14 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(cfg.data) if cfg.task == "lm" else None
-    model = ReformerLM(cfg.model_config()).to(dist.device)
+    seq2seq = cfg.task in SEQ2SEQ_TASKS
+    if seq2seq and sequence_parallel > 1:
+        raise TrainingError(f"--task {cfg.task} does not support --sequence-parallel; use data parallelism")
+    model = (ReformerEncoderDecoder if seq2seq else ReformerLM)(cfg.model_config()).to(dist.device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
-    batches = Batches(cfg, corpus)
+    batches = Seq2SeqBatches(cfg) if seq2seq else Batches(cfg, corpus)
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0}
     if resume:
         state, rng = load_checkpoint(existing[-1], model, optimizer, dist.device)
@@ -149,11 +154,14 @@ def _train(
     if dist.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         source = corpus.describe() if corpus else f"copy task, length {cfg.seq_len}"
+        source = batches.describe() if seq2seq else source
+        layers = f"{model.config.encoder.n_layers} + {model.config.decoder.n_layers}" if seq2seq else None
         print(
-            f"data: {source}\nmodel: {n_params:,} parameters, {model.config.n_layers} layers", file=sys.stderr
+            f"data: {source}\nmodel: {n_params:,} parameters, {layers or model.config.n_layers} layers",
+            file=sys.stderr,
         )
 
-    net = evaluated = model
+    net = evaluated = TeacherForced(model) if seq2seq else model
     if sequence_parallel > 1:
         net = evaluated = SequenceParallelLM(model, mesh.sequence_group)
     if mesh.replicas > 1:
@@ -217,7 +225,8 @@ def _train(
                     {"step": step, "split": "train", "loss": total, "lr": lr, "tokens_per_s": tokens_per_s}
                 )
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_eval = evaluate_batches(evaluated, held_out, cfg.task, dist.device)
+                evaluate = evaluate_seq2seq if seq2seq else evaluate_batches
+                last_eval = evaluate(evaluated, held_out, cfg.task, dist.device)
                 logger.log({"step": step, "split": "eval", **last_eval})
                 logger.plot()
             bar.update(1)
