@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text (UTF-8)")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this file (bytes as they are)")
+    source.add_argument("--source", help="encoder-decoder models: the source text (UTF-8) to decode from")
+    source.add_argument(
+        "--source-file", type=Path, help="encoder-decoder models: read the source from a file"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
@@ -44,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.source is not None or args.source_file is not None:
+        from .seq2seq import run_source
+
+        return run_source(args, parser)
     try:
         model = ReformerLM.from_pretrained(args.checkpoint, map_location=args.device)
         data = args.prompt.encode("utf-8") if args.prompt is not None else args.prompt_file.read_bytes()

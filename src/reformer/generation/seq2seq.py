@@ -118,3 +118,46 @@ def generate(
         return torch.stack(out, 1) if out else inputs[:, :0]
     finally:
         model.train(was_training)
+
+
+def run_source(args, parser) -> int:
+    """``reformer generate DIR --source TEXT|--source-file F`` for an encoder-decoder byte model (source
+    and target ids are bytes): prints the decoded target."""
+    import sys
+    import time
+
+    from ..models.seq2seq import ReformerEncoderDecoder
+
+    try:
+        model = ReformerEncoderDecoder.from_pretrained(args.checkpoint, map_location=args.device)
+        data = args.source.encode("utf-8") if args.source is not None else args.source_file.read_bytes()
+    except (FileNotFoundError, ValueError, OSError) as err:
+        parser.error(f"{err} (--source needs a model saved by ReformerEncoderDecoder)")
+    if not data:
+        parser.error("the source is empty; give at least one byte")
+    if model.config.encoder.vocab_size < 256 or model.config.decoder.vocab_size < 256:
+        parser.error(
+            f"this model's vocabularies ({model.config.encoder.vocab_size} / "
+            f"{model.config.decoder.vocab_size} ids) are not bytes; call model.generate(source_ids) "
+            "from Python"
+        )
+    ids = torch.tensor([list(data)], dtype=torch.long, device=args.device)
+    limit = model.config.decoder.max_seq_len
+    if args.max_new_tokens > limit:
+        print(
+            f"[--max-new-tokens {args.max_new_tokens} > the decoder's max_seq_len: {limit}]", file=sys.stderr
+        )
+    generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        out = model.generate(
+            ids, max_new_tokens=min(args.max_new_tokens, limit), temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, generator=generator, use_cache=not args.no_cache, n_hashes=args.n_hashes,
+        )  # fmt: skip
+    except ValueError as err:
+        parser.error(str(err))
+    values = [int(i) for i in out[0] if int(i) < 256]
+    print(bytes(values).decode("utf-8", errors="replace"))
+    elapsed = time.perf_counter() - start
+    print(f"[{out.shape[1]} tokens in {elapsed:.2f} s, source {len(data)} bytes]", file=sys.stderr)
+    return 0
