@@ -152,7 +152,8 @@ def run_source(args, parser) -> int:
     try:
         out = model.generate(
             ids, max_new_tokens=min(args.max_new_tokens, limit), temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, generator=generator, use_cache=not args.no_cache, n_hashes=args.n_hashes,
+            top_k=args.top_k, top_p=args.top_p, generator=generator, use_cache=not args.no_cache,
+            n_hashes=args.n_hashes,
         )  # fmt: skip
     except ValueError as err:
         parser.error(str(err))
