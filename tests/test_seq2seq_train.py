@@ -131,3 +131,11 @@ def test_generate_command_decodes_a_source(tmp_path, capsys):
     assert (
         main(["generate", str(out), "--source-file", str(tmp_path / "src.txt"), "--max-new-tokens", "3"]) == 0
     )
+
+
+def test_eval_command_reports_held_out_accuracy(tmp_path, capsys):
+    train(_cfg(steps=1), tmp_path / "run")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--n-hashes", "4"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert lines[0].startswith("loss=") and lines[1].startswith("accuracy=")

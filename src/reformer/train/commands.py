@@ -228,6 +228,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    saved = Path(args.run) / TRAIN_CONFIG_FILE
+    if saved.is_file() and read_json_object(saved, "the run folder is damaged").get("task") in SEQ2SEQ_TASKS:
+        from .seq2seq import evaluate_seq2seq_run
+
+        metrics = evaluate_seq2seq_run(args.run, n_hashes=args.n_hashes, device=args.device)
+        print("\n".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return 0
     try:
         metrics = evaluate_run(
             args.run, data=args.data, n_hashes=args.n_hashes, max_tokens=args.max_tokens,
