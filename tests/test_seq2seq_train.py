@@ -139,3 +139,16 @@ def test_eval_command_reports_held_out_accuracy(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run"), "--n-hashes", "4"]) == 0
     lines = capsys.readouterr().out.split()
     assert lines[0].startswith("loss=") and lines[1].startswith("accuracy=")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cross", ["full", "lsh"])
+def test_reversal_is_learned(tmp_path, cross):
+    """Reversal of 16 symbols: held-out token accuracy >= 0.99 within 300 steps (exact and LSH)."""
+    model = dict(
+        d_model=64, n_heads=4, n_layers=2, d_ff=128, attn_layers=("full", "full"), axial_pos_shape=(16,),
+        axial_pos_dims=(64,), cross_attention=cross, cross_chunk_size=4,
+    )  # fmt: skip
+    cfg = _cfg(model=model, seq_len=16, batch_size=32, steps=300, lr=3e-3, warmup=30, eval_every=100,
+               save_every=300, eval_batches=4, log_every=50)  # fmt: skip
+    assert train(cfg, tmp_path / "run").metrics["accuracy"] >= 0.99
