@@ -147,7 +147,8 @@ def test_cached_generation_equals_recomputation():
     from reformer.generation.seq2seq import _cached_step, _DecoderCache
 
     memory, memory_mask = model.encode(src, mask)
-    cache, inputs = _DecoderCache(model, memory), torch.cat([torch.zeros(2, 1, dtype=torch.long), cached], 1)
+    cache = _DecoderCache(model, memory, memory_mask)
+    inputs = torch.cat([torch.zeros(2, 1, dtype=torch.long), cached], 1)
     full = model(src, inputs, source_mask=mask)
     for t in range(inputs.shape[1]):
         step = _cached_step(model, cache, inputs[:, t : t + 1], t, memory_mask)
@@ -199,3 +200,38 @@ def test_bfloat16_autocast_with_backward_outside(cross):
     assert torch.isfinite(grads[0]).all()
     # Measured 0.002-0.003; rebuilding the layers in float32 (autocast not re-entered) gives 0.02-0.04.
     assert (grads[0] - grads[1]).norm() < 0.01 * grads[1].norm()
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_lsh_cross_decoding_cache_follows_the_rule_for_one_query(window):
+    from reformer.attention import LSHCrossAttention, lsh_cross_attention
+    from reformer.generation.seq2seq import LSHCrossCache
+
+    torch.manual_seed(0)
+    layer = LSHCrossAttention(16, 24, 2, chunk_size=4, window=window, n_hashes=3, n_buckets=4).double().eval()
+    memory = torch.randn(2, 23, 24, dtype=torch.float64)
+    mask = torch.ones(2, 23, dtype=torch.bool)
+    mask[1, 15:] = False
+    cache = LSHCrossCache.build(layer, memory, mask, None)
+    q = torch.randn(2, 2, 1, 8, dtype=torch.float64)
+    k, v = layer.project_memory(memory)
+    expected = lsh_cross_attention(
+        q,
+        k,
+        v,
+        n_buckets=4,
+        n_hashes=3,
+        chunk_size=4,
+        window=window,
+        key_mask=mask,
+        rotations=cache.rotations,
+    )
+    torch.testing.assert_close(cache.attend(q), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cached_generation_with_lsh_cross_attention_runs():
+    torch.manual_seed(0)
+    model = ReformerEncoderDecoder(_config(("full", "full"), "lsh", eos_id=5)).eval()
+    src, _ = _batch()
+    out = model.generate(src, max_new_tokens=6)
+    assert 1 <= out.shape[1] <= 6

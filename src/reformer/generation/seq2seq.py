@@ -3,21 +3,25 @@ projected keys and values of the encoder output, and (for exact self-attention) 
 
 With ``use_cache`` and a decoder whose self-attention layers are all ``"full"``, each new token runs
 through the decoder alone: its self-attention reads the layer's key/value cache, its cross-attention
-the layer's precomputed encoder keys/values. That is exactly the uncached recomputation (the decoder is
-causal, and with exact cross-attention a query's output does not depend on the others). Decoders with
-LSH or local self-attention, and LSH cross-attention (whose query chunks depend on every query), decode
-by recomputing the decoder over the prefix at each step (the encoder output and its projections are
-still computed once).
+the layer's precomputed encoder keys/values. With exact cross-attention that is exactly the uncached
+recomputation (the decoder is causal, and a query's output does not depend on the other queries).
+LSH cross-attention layers keep each round's key order and sorted buckets, and a new query attends by
+the rule of :mod:`reformer.attention.lsh_cross` for a query chunk holding only itself; recomputation
+groups the queries into chunks, so the two can differ. Decoders with LSH or local self-attention decode
+by recomputing the decoder over the prefix at each step (the encoder still runs once).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..attention import FullSelfAttention
+from ..attention import FullSelfAttention, LSHCrossAttention
 from ..attention.cross import cross_attention
+from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, total_buckets
 from ..reversible_decoder import STEPS
 from .sampling import check_sampling, sample_next
 
@@ -26,18 +30,73 @@ if TYPE_CHECKING:
 
 
 def can_cache(model: ReformerEncoderDecoder) -> bool:
-    """Whether the step-by-step cached path applies (exact self- and cross-attention in every layer)."""
-    return model.config.cross_attention == "full" and all(
-        isinstance(block.self_attention, FullSelfAttention) for block in model.decoder.blocks
-    )
+    """Whether the step-by-step cached path applies (exact self-attention in every decoder layer)."""
+    return all(isinstance(block.self_attention, FullSelfAttention) for block in model.decoder.blocks)
+
+
+@dataclass
+class LSHCrossCache:
+    """An LSH cross-attention layer's encoder side for decoding: keys/values ``(batch, heads, L_enc, d)``,
+    each round's key order and sorted buckets ``(batch, heads, rounds, L_enc)``, the rotations."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    order: torch.Tensor
+    sorted_buckets: torch.Tensor
+    n_real: torch.Tensor  # (batch, 1, 1, 1)
+    rotations: torch.Tensor
+    n_buckets: int | tuple[int, ...]
+    window: int
+
+    @classmethod
+    def build(cls, layer: LSHCrossAttention, memory, memory_mask, n_hashes: int | None) -> LSHCrossCache:
+        k, v = layer.project_memory(memory)
+        batch, heads, length, head_dim = k.shape
+        n_buckets = layer.n_buckets or auto_n_buckets(length, layer.chunk_size)
+        seed = layer.eval_hash_seed if layer.hash_seed is None else layer.hash_seed
+        rotations = draw_rotations(
+            heads, head_dim, n_hashes or layer.n_hashes, n_buckets, seed=seed, device=k.device
+        )
+        buckets = hash_vectors(k, rotations, n_buckets)
+        if memory_mask is not None:
+            buckets.masked_fill_(~memory_mask[:, None, None, :], total_buckets(n_buckets))
+        sorted_buckets, order = torch.sort(buckets, dim=-1, stable=True)
+        n_real = (
+            memory_mask.sum(-1) if memory_mask is not None else torch.full((batch,), length, device=k.device)
+        )
+        window = min(layer.window or 2 * layer.chunk_size * length, length)  # a query chunk of one
+        return cls(k, v, order, sorted_buckets, n_real.view(batch, 1, 1, 1), rotations, n_buckets, window)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """One query per row ``(batch, heads, 1, d)``: the LSH cross-attention rule for a chunk holding only
+        this query (its bucket's keys, centred in ``window`` sorted keys, every round in one softmax)."""
+        bucket = hash_vectors(q, self.rotations, self.n_buckets)  # (batch, heads, rounds, 1)
+        start = torch.searchsorted(self.sorted_buckets, bucket, right=False)
+        end = torch.searchsorted(self.sorted_buckets, bucket, right=True)
+        first = torch.minimum(
+            ((start + end - self.window) // 2).clamp(min=0), (self.n_real - self.window).clamp(min=0)
+        )
+        places = first + torch.arange(self.window, device=q.device)  # (batch, heads, rounds, window)
+        positions = self.order.gather(-1, places.clamp(max=self.order.shape[-1] - 1)).flatten(2)
+        index = positions[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        k, v = self.keys.gather(2, index), self.values.gather(2, index)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~(places < self.n_real).flatten(2)[:, :, None, :], float("-inf"))
+        return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 class _DecoderCache:
     """Per layer: self-attention keys/values ``(batch, heads, t, head_dim)`` so far, and the encoder's
-    projected keys/values."""
+    projected keys/values (for LSH cross-attention also sorted per round: :class:`LSHCrossCache`)."""
 
-    def __init__(self, model: ReformerEncoderDecoder, memory: torch.Tensor) -> None:
-        self.memory_kv = [block.cross_attention.project_memory(memory) for block in model.decoder.blocks]
+    def __init__(self, model: ReformerEncoderDecoder, memory, memory_mask, n_hashes=None) -> None:
+        self.memory_kv, self.lsh = [], []
+        for block in model.decoder.blocks:
+            layer = block.cross_attention
+            is_lsh = isinstance(layer, LSHCrossAttention)
+            self.lsh.append(LSHCrossCache.build(layer, memory, memory_mask, n_hashes) if is_lsh else None)
+            self.memory_kv.append(None if is_lsh else layer.project_memory(memory))
         self.keys: list[torch.Tensor | None] = [None] * len(model.decoder.blocks)
         self.values: list[torch.Tensor | None] = [None] * len(model.decoder.blocks)
 
@@ -61,6 +120,10 @@ def _cached_step(model, cache: _DecoderCache, ids: torch.Tensor, position: int, 
         for kind in STEPS:
             if kind == "self":
                 out = _self_step(block, layer, cache, b)
+            elif kind == "cross" and cache.lsh[layer] is not None:
+                cross = block.cross_attention
+                q = cross.split_heads(cross.to_q(block.cross_norm(b)))
+                out = cross.output(cache.lsh[layer].attend(q))
             else:
                 ctx = {"memory_mask": memory_mask, "memory_kv": cache.memory_kv[layer]}
                 out = block.step(kind, b, None, ctx, {})
@@ -99,7 +162,9 @@ def generate(
         memory, memory_mask = model.encode(source_ids, source_mask, n_hashes)
         batch, device = source_ids.shape[0], source_ids.device
         inputs = torch.full((batch, 1), model.config.decoder_start_id, dtype=torch.long, device=device)
-        cache = _DecoderCache(model, memory) if use_cache and can_cache(model) else None
+        cache = (
+            _DecoderCache(model, memory, memory_mask, n_hashes) if use_cache and can_cache(model) else None
+        )
         eos, done = model.config.eos_id, torch.zeros(batch, dtype=torch.bool, device=device)
         out = []
         for t in range(max_new_tokens):
