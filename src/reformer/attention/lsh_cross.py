@@ -74,10 +74,13 @@ def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(q, k, plan: CrossPlan, r: int, block: torch.Tensor, scale: float, acc_dtype):
+    """Scaled, masked scores ``(n, chunk, window)`` of the chunks ``block`` of round ``r``, with the rows
+    and the gathered queries and keys."""
     q_rows, k_rows = plan.q_rows[r].index_select(0, block), plan.k_rows[r].index_select(0, block)
-    scores = torch.matmul(_take(q, q_rows), _take(k, k_rows).transpose(-1, -2)).to(acc_dtype).mul_(scale)
+    q_blk, k_blk = _take(q, q_rows), _take(k, k_rows)
+    scores = torch.matmul(q_blk, k_blk.transpose(-1, -2)).to(acc_dtype).mul_(scale)
     scores.masked_fill_(~plan.k_ok[r].index_select(0, block)[:, None, :], MASK_VALUE)
-    return scores, q_rows, k_rows
+    return scores, q_rows, k_rows, q_blk, k_blk
 
 
 class _GatheredAttention(torch.autograd.Function):
@@ -89,7 +92,7 @@ class _GatheredAttention(torch.autograd.Function):
         run_max = torch.full((rows,), -math.inf, dtype=acc_dtype, device=q.device)
         run_sum = torch.zeros(rows, dtype=acc_dtype, device=q.device)
         for r, block in plan.blocks():
-            scores, q_rows, k_rows = _scores(q, k, plan, r, block, scale, acc_dtype)
+            scores, q_rows, k_rows, _, _ = _scores(q, k, plan, r, block, scale, acc_dtype)
             row_max = scores.amax(-1, keepdim=True)
             weights = scores.sub_(row_max).exp_()
             row_sum = weights.sum(-1)
@@ -124,13 +127,8 @@ class _GatheredAttention(torch.autograd.Function):
         delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)
         dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
         for r, block in plan.blocks():
-            scores, q_rows, k_rows = _scores(q, k, plan, r, block, scale, acc_dtype)
-            q_blk, k_blk, v_blk, g_blk = (
-                _take(q, q_rows),
-                _take(k, k_rows),
-                _take(v, k_rows),
-                _take(grad_out, q_rows),
-            )
+            scores, q_rows, k_rows, q_blk, k_blk = _scores(q, k, plan, r, block, scale, acc_dtype)
+            v_blk, g_blk = _take(v, k_rows), _take(grad_out, q_rows)
             probs = scores.sub_(_take(total_lse, q_rows)[..., None]).exp_()
             grad_probs = torch.matmul(g_blk, v_blk.transpose(-1, -2)).to(acc_dtype)
             dv_blk = torch.matmul(probs.transpose(-1, -2).to(g_blk.dtype), g_blk)
