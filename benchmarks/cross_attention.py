@@ -1,12 +1,12 @@
 """One cross-attention layer, forward + backward, at long sources: LSH vs exact (blocked) vs dense.
 
-Each (kind, L_dec, L_enc) case runs in a fresh subprocess, so its peak memory is its own: the kernel's
-high-water mark of the resident set (VmHWM, reset after the inputs are built) minus the resident set at
-that point, i.e. what the forward + backward pass adds. Time is the median of ``--repeats`` passes after
-one warm-up. The kinds run interleaved per length, so on a shared machine the ratios are the result
-to read (docs/seq2seq.md).
+Time: per (L_dec, L_enc) the kinds run interleaved in one process (one warm-up each, then ``--repeats``
+rounds), and the median is reported with its ratio to LSH: on a shared machine the ratios are the result
+to read. Memory: each case runs once more in a fresh subprocess, where the kernel's high-water mark of
+the resident set (VmHWM, reset after a warm-up pass) minus the resident set before the pass is what one
+forward + backward adds. "dense" materialises the (L_dec x L_enc) scores; "exact" is the blocked kernel.
 
-    PYTHONPATH=src python benchmarks/cross_attention.py --lengths 4096 16384 65536 --decoder 1024
+    PYTHONPATH=src python benchmarks/cross_attention.py --lengths 4096 16384 65536 --decoder 1024 0
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 KINDS = ("lsh", "exact", "dense")
 
 
-def run_case(kind: str, l_dec: int, l_enc: int, repeats: int, d_model: int, heads: int, hashes: int) -> dict:
+def build(kind: str, l_dec: int, l_enc: int, d_model: int, heads: int, hashes: int):
+    """A zero-argument fwd+bwd pass of one cross-attention layer of ``kind`` on random inputs."""
     from reformer.attention import CrossAttention, LSHCrossAttention
-    from reformer.bench.memory import hwm_bytes, reset_hwm, rss_bytes
 
     torch.manual_seed(0)
     if kind == "lsh":
@@ -48,22 +48,19 @@ def run_case(kind: str, l_dec: int, l_enc: int, repeats: int, d_model: int, head
         x.grad = memory.grad = None
         layer.zero_grad(set_to_none=True)
 
-    step()  # warm-up
+    return step
+
+
+def peak_case(kind: str, l_dec: int, l_enc: int, d_model: int, heads: int, hashes: int) -> float:
+    """MiB that one fwd+bwd pass adds to the resident set's high-water mark (run in a fresh process)."""
+    from reformer.bench.memory import hwm_bytes, reset_hwm, rss_bytes
+
+    step = build(kind, l_dec, l_enc, d_model, heads, hashes)
+    step()  # warm-up: allocator pools, lazy initialisation
     base = rss_bytes()
     reset_hwm()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = hwm_bytes() - base
-    return {
-        "kind": kind,
-        "l_dec": l_dec,
-        "l_enc": l_enc,
-        "seconds": statistics.median(times),
-        "peak_mib": peak / 2**20,
-    }
+    step()
+    return (hwm_bytes() - base) / 2**20
 
 
 def main() -> None:
@@ -75,29 +72,41 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--hashes", type=int, default=2)
-    p.add_argument("--max-dense-scores", type=float, default=2**30, help="skip dense above L_dec*L_enc*heads")
+    p.add_argument("--max-scores", type=float, default=2**31, help="skip exact above L_dec*L_enc*heads")
+    p.add_argument("--max-dense-scores", type=float, default=2**28, help="skip dense above L_dec*L_enc*heads")
     p.add_argument("--case", nargs=3, metavar=("KIND", "L_DEC", "L_ENC"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    shape = (args.d_model, args.heads, args.hashes)
     if args.case:
-        kind, l_dec, l_enc = args.case[0], int(args.case[1]), int(args.case[2])
-        print(json.dumps(run_case(kind, l_dec, l_enc, args.repeats, args.d_model, args.heads, args.hashes)))
+        print(json.dumps(peak_case(args.case[0], int(args.case[1]), int(args.case[2]), *shape)))
         return
-    print("| L_dec | L_enc | kind | fwd+bwd s | peak MiB |\n|---|---|---|---|---|")
+    print("| L_dec | L_enc | kind | fwd+bwd s (median) | time / LSH | peak MiB |\n|---|---|---|---|---|---|")
     for l_enc in args.lengths:
         for dec in args.decoder:
             l_dec = dec or l_enc
+            scores = l_dec * l_enc * args.heads
+            limits = {"lsh": math.inf, "exact": args.max_scores, "dense": args.max_dense_scores}
+            kinds = [k for k in args.kinds if scores <= limits[k]]
+            steps = {kind: build(kind, l_dec, l_enc, *shape) for kind in kinds}
+            times: dict[str, list[float]] = {kind: [] for kind in kinds}
+            for kind in kinds:
+                steps[kind]()  # warm-up
+            for _ in range(args.repeats):  # interleaved, so the kinds share the machine's state alike
+                for kind in kinds:
+                    start = time.perf_counter()
+                    steps[kind]()
+                    times[kind].append(time.perf_counter() - start)
+            del steps
+            flags = ["--d-model", str(args.d_model), "--heads", str(args.heads), "--hashes", str(args.hashes)]
             for kind in args.kinds:
-                if kind == "dense" and l_dec * l_enc * args.heads > args.max_dense_scores:
-                    print(f"| {l_dec} | {l_enc} | dense | skipped (scores) | |", flush=True)
+                if kind not in kinds:
+                    print(f"| {l_dec} | {l_enc} | {kind} | skipped (scores limit) | | |", flush=True)
                     continue
-                common = ["--repeats", str(args.repeats), "--d-model", str(args.d_model)]
-                common += ["--heads", str(args.heads), "--hashes", str(args.hashes)]
-                cmd = [sys.executable, __file__, "--case", kind, str(l_dec), str(l_enc), *common]
-                result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-                print(
-                    f"| {l_dec} | {l_enc} | {kind} | {result['seconds']:.3f} | {result['peak_mib']:.0f} |",
-                    flush=True,
-                )
+                cmd = [sys.executable, __file__, "--case", kind, str(l_dec), str(l_enc), *flags]
+                peak = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                median = statistics.median(times[kind])
+                ratio = median / statistics.median(times["lsh"]) if "lsh" in times else float("nan")
+                print(f"| {l_dec} | {l_enc} | {kind} | {median:.3f} | {ratio:.2f} | {peak:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
