@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--hashes", type=int, default=2)
     p.add_argument("--max-scores", type=float, default=2**31, help="skip exact above L_dec*L_enc*heads")
     p.add_argument("--max-dense-scores", type=float, default=2**28, help="skip dense above L_dec*L_enc*heads")
+    p.add_argument("--no-memory", action="store_true", help="time only (no per-case memory subprocesses)")
     p.add_argument("--case", nargs=3, metavar=("KIND", "L_DEC", "L_ENC"), help=argparse.SUPPRESS)
     args = p.parse_args()
     shape = (args.d_model, args.heads, args.hashes)
@@ -103,7 +104,9 @@ def main() -> None:
                     print(f"| {l_dec} | {l_enc} | {kind} | skipped (scores limit) | | |", flush=True)
                     continue
                 cmd = [sys.executable, __file__, "--case", kind, str(l_dec), str(l_enc), *flags]
-                peak = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                peak = math.nan
+                if not args.no_memory:
+                    peak = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 median = statistics.median(times[kind])
                 ratio = median / statistics.median(times["lsh"]) if "lsh" in times else float("nan")
                 print(f"| {l_dec} | {l_enc} | {kind} | {median:.3f} | {ratio:.2f} | {peak:.0f} |", flush=True)
