@@ -72,7 +72,7 @@ def test_memory_gradient_accumulates_over_every_decoder_layer():
     for decoder in decoders:
         memory = torch.randn(2, 17, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         memory.requires_grad_(True)
-        a, b = decoder(x, x, memory, {"lsh_cross": True})
+        a, b = decoder(x, x, memory, {})
         (a.pow(2).sum() + b.sin().sum()).backward()
         grads.append(memory.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)

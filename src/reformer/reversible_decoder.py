@@ -55,10 +55,9 @@ class DecoderBlock(nn.Module):
                 self.self_norm(b), ctx.get("attention_mask"), n_hashes=ctx.get("n_hashes"), replay=replay
             )
         if kind == "cross":
-            extra = {"query_mask": ctx.get("attention_mask")} if ctx.get("lsh_cross") else {}
             return self.cross_attention(
                 self.cross_norm(b), memory, ctx.get("memory_mask"), memory_kv=ctx.get("memory_kv"),
-                n_hashes=ctx.get("n_hashes"), replay=replay, **extra,
+                n_hashes=ctx.get("n_hashes"), replay=replay, query_mask=ctx.get("attention_mask"),
             )  # fmt: skip
         return self.feed_forward(b)
 
@@ -134,8 +133,8 @@ class ReversibleDecoder(nn.Module):
     """A stack of :class:`DecoderBlock` run reversibly (or as plain residuals with ``reversible=False``).
 
     Shapes: ``a, b`` ``(batch, L_dec, d_model)``, ``memory`` ``(batch, L_enc, d_memory)`` -> ``a, b``.
-    ``ctx`` holds ``attention_mask`` (decoder padding), ``memory_mask`` (source padding), ``n_hashes``,
-    ``lsh_cross`` (pass the decoder mask to LSH cross-attention as its query mask).
+    ``ctx`` holds ``attention_mask`` (decoder padding, also the cross-attention's query mask),
+    ``memory_mask`` (source padding) and ``n_hashes``.
     """
 
     def __init__(self, blocks: list[DecoderBlock], reversible: bool = True) -> None:

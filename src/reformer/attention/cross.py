@@ -187,8 +187,10 @@ class CrossAttention(SelfAttentionBase):
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         n_hashes: int | None = None,
         replay: dict | None = None,
+        query_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``n_hashes`` and ``replay`` are accepted for the LSH kind's signature and ignored."""
+        """``n_hashes``, ``replay`` and ``query_mask`` are accepted for the LSH kind's signature and ignored
+        (every query attends on its own here; outputs at padding queries are unused)."""
         k, v = memory_kv if memory_kv is not None else self.project_memory(memory)
         q = self.split_heads(self.to_q(x))
         return self.output(cross_attention(q, k, v, key_mask=memory_mask))

@@ -148,10 +148,7 @@ class ReformerEncoderDecoder(nn.Module):
         if decoder_mask is not None:
             decoder_mask = decoder_mask.to(decoder_input_ids.device) != 0
         x = self.embeddings(decoder_input_ids.long())
-        ctx = dict(
-            attention_mask=decoder_mask, memory_mask=memory_mask, n_hashes=n_hashes,
-            lsh_cross=self.config.cross_attention == "lsh",
-        )  # fmt: skip
+        ctx = dict(attention_mask=decoder_mask, memory_mask=memory_mask, n_hashes=n_hashes)
         a, b = self.decoder(x, x, memory, ctx)
         return self.final_norm(torch.cat([a, b], dim=-1))
 
