@@ -197,6 +197,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         if run.name in results and not args.again:
             continue
         cfg = json.loads((run / "train_config.json").read_text())
+        if finished_step(run) < cfg["steps"]:
+            print(f"{run.name}: not finished (step {finished_step(run)} of {cfg['steps']}), skipped")
+            continue
         seq_len = cfg["seq_len"]
         model = ReformerLM.from_pretrained(run)
         windows = held_out_windows(seq_len, args.windows * 4096 // seq_len)
@@ -235,6 +238,8 @@ def plot_curves() -> None:
     speed = json.loads((OUT / "speed.json").read_text()) if (OUT / "speed.json").is_file() else {}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for run in sorted(OUT.glob("*-L*-s*")):
+        if not (run / "metrics.jsonl").is_file():
+            continue
         variant, seq_len = run.name.rsplit("-L", 1)[0], int(run.name.split("-L")[1].split("-s")[0])
         steps, bpb = curves(run)
         if not steps:
