@@ -242,7 +242,12 @@ def test_settings_are_checked_and_round_trip(tmp_path):
     assert model.layers.blocks[0].attention.n_buckets == 32  # 2 per chunk at max_seq_len, whatever the input
     with pytest.raises(ValueError, match="lsh_key_rule"):
         config_to_hf_dict(cfg)
-    assert ReformerConfig().lsh_key_rule == "chunks"
+    # New causal models are truly causal; bidirectional ones and configs saved before the rule existed
+    # (config.json without the field) keep the trax/HF rule.
+    assert ReformerConfig().lsh_key_rule == "own_bucket"
+    assert ReformerConfig(causal=False).lsh_key_rule == "chunks"
+    saved = {k: v for k, v in ReformerConfig(n_layers=2).to_dict().items() if k != "lsh_key_rule"}
+    assert ReformerConfig.from_dict(saved).lsh_key_rule == "chunks"
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=1)  # decodes (own cache)
     assert out.shape == (1, 4)
 

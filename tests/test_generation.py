@@ -18,9 +18,11 @@ from reformer.hashing import draw_rotations
 
 
 def config(layers, **overrides):
+    # The trax/HF "chunks" rule and its approximate cache (test_generation_own_bucket.py has the default).
     base = dict(
         vocab_size=40, d_model=32, n_heads=2, n_layers=len(layers), d_ff=64, attn_layers=tuple(layers),
         bucket_size=8, n_buckets=4, n_hashes=2, max_seq_len=256, local_chunk_size=8, ff_chunk_size=None,
+        lsh_key_rule="chunks",
     )  # fmt: skip
     base.update(overrides)
     return ReformerConfig(**base)

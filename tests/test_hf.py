@@ -127,7 +127,7 @@ def test_round_trip_ours_hf_ours_is_lossless():
     cfg = reformer.ReformerConfig(
         vocab_size=30, d_model=32, n_heads=2, n_layers=2, d_ff=48, attn_layers=("local", "lsh"),
         bucket_size=8, n_buckets=(2, 4), n_hashes=2, hash_seed=5, max_seq_len=64, local_chunk_size=16,
-        activation="gelu_new", dropout=0.1, attn_dropout=0.05, ff_chunk_size=None,
+        activation="gelu_new", dropout=0.1, attn_dropout=0.05, ff_chunk_size=None, lsh_key_rule="chunks",
     )  # fmt: skip
     ours = ReformerLM(cfg)
     back = ReformerLM.from_hf(ours.to_hf())

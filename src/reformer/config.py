@@ -32,12 +32,14 @@ class ReformerConfig:
     every call, training included (as HF transformers does); when ``None`` they are fresh on every
     training step and deterministic in eval mode.
 
-    ``lsh_key_rule`` picks which keys an LSH query sees: ``"chunks"`` (default; trax/HF, where the keys
-    of position i also depend on the buckets of later tokens) or ``"own_bucket"`` (truly causal: the
-    last ``lsh_chunks_before * bucket_size`` earlier keys of its own bucket, so outputs at positions
-    < n never depend on tokens after n). With ``"own_bucket"`` and ``n_buckets=None`` the bucket count
-    is chosen from ``max_seq_len`` (about two buckets per chunk at that length), not from the length
-    of the input, which would make it depend on later tokens.
+    ``lsh_key_rule`` picks which keys an LSH query sees: ``"own_bucket"`` (truly causal: the last
+    ``lsh_chunks_before * bucket_size`` earlier keys of its own bucket, so outputs at positions < n never
+    depend on tokens after n) or ``"chunks"`` (trax/HF, where the keys of position i also depend on the
+    buckets of later tokens). ``None`` (default) picks ``"own_bucket"`` for causal models and
+    ``"chunks"`` for bidirectional ones; HF conversions and configs saved without the field keep
+    ``"chunks"``, the rule they were made with. With ``"own_bucket"`` and ``n_buckets=None`` the bucket
+    count is chosen from ``max_seq_len`` (about two buckets per chunk at that length), not from the
+    length of the input, which would make it depend on later tokens.
     """
 
     vocab_size: int = 256
@@ -55,7 +57,7 @@ class ReformerConfig:
     n_hashes: int = 2
     lsh_chunks_before: int = 1
     lsh_chunks_after: int = 0
-    lsh_key_rule: str = "chunks"
+    lsh_key_rule: str | None = None
     hash_seed: int | None = None
     # local attention
     local_chunk_size: int = 128
@@ -79,6 +81,8 @@ class ReformerConfig:
         if self.attn_layers is None:
             self.attn_layers = ("lsh",) * self.n_layers
         self.attn_layers = tuple(self.attn_layers)
+        if self.lsh_key_rule is None:
+            self.lsh_key_rule = "own_bucket" if self.causal else "chunks"
         if isinstance(self.n_buckets, list):
             self.n_buckets = tuple(self.n_buckets)
         if self.d_head is None and isinstance(self.d_model, int) and isinstance(self.n_heads, int):
@@ -158,7 +162,8 @@ class ReformerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReformerConfig:
-        return dataclass_from_dict(cls, data, "config")
+        """The config saved as ``data``; one saved before ``lsh_key_rule`` existed keeps ``"chunks"``."""
+        return dataclass_from_dict(cls, {"lsh_key_rule": "chunks", **data}, "config")
 
     def to_json(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

@@ -85,6 +85,7 @@ def config_from_hf(hf_config: Any) -> ReformerConfig:
         n_hashes=_get(hf_config, "num_hashes"),
         lsh_chunks_before=_get(hf_config, "lsh_num_chunks_before", 1),
         lsh_chunks_after=_get(hf_config, "lsh_num_chunks_after", 0),
+        lsh_key_rule="chunks",
         hash_seed=_get(hf_config, "hash_seed"),
         local_chunk_size=_get(hf_config, "local_attn_chunk_length"),
         local_chunks_before=_get(hf_config, "local_num_chunks_before", 1),

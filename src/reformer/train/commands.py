@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ..config import read_json_object
+from ..config import KEY_RULES, read_json_object
 from ..model import ReformerLM
 from .config import (
     PRECISIONS,
@@ -24,7 +24,10 @@ from .evaluation import evaluate_run, sample_text
 from .loop import train
 
 # Flags of `reformer train` that map onto ReformerConfig fields.
-MODEL_FLAGS = ("d_model", "n_heads", "n_layers", "d_ff", "bucket_size", "n_hashes", "dropout", "hash_seed")
+MODEL_FLAGS = (
+    "d_model", "n_heads", "n_layers", "d_ff", "bucket_size", "n_hashes", "lsh_key_rule", "local_chunk_size",
+    "dropout", "hash_seed",
+)  # fmt: skip
 # Flags of the encoder-decoder tasks (train/seq2seq.py), also model settings.
 MODEL_FLAGS += ("cross_attention", "cross_n_hashes", "cross_chunk_size", "cross_window")
 # Settings a resumed run may change; everything else must match the saved run.
@@ -69,8 +72,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimiser (AdamW)")
     o.add_argument("--lr", type=float, help="peak learning rate")
     o.add_argument("--warmup", type=int, help="linear warm-up steps")
-    o.add_argument("--schedule", choices=SCHEDULES, help="rsqrt (default; independent of --steps) or cosine")
-    o.add_argument("--cosine-steps", type=int, help="horizon of the cosine schedule")
+    o.add_argument("--schedule", choices=SCHEDULES, help="rsqrt (independent of --steps) or cosine "
+                   "(to --cosine-steps)")  # fmt: skip
+    o.add_argument("--cosine-steps", type=int, help="horizon of the cosine schedule (default: --steps)")
     o.add_argument("--weight-decay", type=float)
     o.add_argument("--clip", type=float, help="gradient-norm clipping (0: none)")
     m = p.add_argument_group("model")
@@ -81,6 +85,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--attn-layers", help="comma-separated lsh/local/full per layer, or one kind for all")
     m.add_argument("--bucket-size", type=int, help="LSH chunk length")
     m.add_argument("--n-hashes", type=int, help="LSH hash rounds")
+    m.add_argument(
+        "--lsh-key-rule", choices=KEY_RULES, help="own_bucket: truly causal LSH (keys of the query's own "
+        "bucket before it); chunks: trax/HF's sorted chunks (later tokens move earlier outputs)",
+    )  # fmt: skip
+    m.add_argument("--local-chunk-size", type=int, help="local attention chunk length")
     m.add_argument("--dropout", type=float)
     m.add_argument("--hash-seed", type=int, help="fix the hash rotations (default: fresh every step)")
     m.add_argument("--cross-attention", choices=("full", "lsh"), help="encoder-decoder tasks: exact or LSH")
@@ -102,6 +111,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "clip" in given and given["clip"] == 0:
         given["clip"] = None
     cfg = replace(cfg, **given)
+    if cfg.schedule == "cosine" and cfg.cosine_steps is None:  # the horizon is the run's length
+        cfg.cosine_steps = cfg.steps
     if args.data:
         cfg.data = [str(Path(d).resolve()) for d in args.data]
     model = dict(cfg.model)
@@ -123,6 +134,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model.pop("axial_pos_dims", None)
     if args.seq_len is not None:
         model.pop("max_seq_len", None)
+    # Recorded in train_config.json, so that a resumed run keeps the rule it started with.
+    model.setdefault("lsh_key_rule", "own_bucket" if model.get("causal", True) else "chunks")
     cfg.model = model
     return cfg
 
