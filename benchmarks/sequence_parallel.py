@@ -51,7 +51,7 @@ def _worker(rank: int, size: int, port: int, args, results) -> None:
     torch.set_num_threads(1)
     if size > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-        sequence_shard._all_to_all = _timed(sequence_shard._all_to_all)
+        sequence_shard._exchange = _timed(sequence_shard._exchange)
         sp_module.dist.all_gather = _timed(dist.all_gather)
         sp_module.dist.all_reduce = _timed(dist.all_reduce)
     torch.manual_seed(0)
