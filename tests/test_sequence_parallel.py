@@ -233,3 +233,42 @@ def test_torchrun_on_cuda_takes_the_local_rank_gpu_and_nccl(monkeypatch):
     calls.clear()
     assert distributed.Distributed.setup("cpu").device == torch.device("cpu")
     assert calls == {"backend": "gloo"}
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--sequence-parallel", "2"], "add --what model"),
+        (
+            ["--what", "model", "--sequence-parallel", "3"],
+            "--sequence-parallel 3 must be 2 or more and divide",
+        ),
+        (
+            ["--what", "model", "--sequence-parallel", "2", "--lengths", "1001"],
+            "--lengths 1001 is not divisible",
+        ),
+        (["--what", "model", "--sequence-parallel", "2", "--device", "cuda"], "runs CPU processes over gloo"),
+    ],
+)
+def test_bench_sequence_parallel_bad_arguments_name_the_value(argv, needle, capsys):
+    from reformer import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *argv])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three spawned processes
+def test_bench_sequence_parallel_reports_every_rank(tmp_path, capsys):
+    from reformer import cli
+
+    path = tmp_path / "rows.json"
+    argv = ["bench", "--what", "model", "--sequence-parallel", "2", "--lengths", "512", "--layers", "1"]
+    assert cli.main([*argv, "--repeats", "1", "--json", str(path)]) == 0
+    assert "per-rank peak, P=2 / P=1:" in capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["size"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    for r in rows:
+        assert r["length"] == 512 and r["peak_mib"] >= r["before_mib"] > 0 and r["step_s"] > 0
+        assert (r["comm_s"] > 0) == (r["size"] == 2)
