@@ -191,16 +191,18 @@ def _check_sequence_parallel(args: argparse.Namespace, parser: argparse.Argument
         )
     if size < 2 or N_HEADS % size:
         parser.error(f"--sequence-parallel {size} must be 2 or more and divide the model's {N_HEADS} heads")
-    for flag in ("hashes", "paper_figure", "plot", "markdown"):
+    for flag in ("hashes", "paper_figure", "plot", "markdown", "threads"):
         if getattr(args, flag):
             parser.error(f"--{flag.replace('_', '-')} does not apply to --sequence-parallel")
+    if args.dtype != "float32":
+        parser.error(f"--dtype {args.dtype}: --sequence-parallel measures float32 only")
     for length in args.lengths or ():
         if length % size:
             parser.error(f"--lengths {length} is not divisible by --sequence-parallel {size}")
 
 
 def _run_sequence_parallel(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .sequence_parallel import layout_table, measure_layouts
+    from .sequence_parallel import WARMUP_LENGTH, layout_table, measure_layouts
 
     _check_sequence_parallel(args, parser)
     env = environment("cpu", 1)
@@ -213,7 +215,8 @@ def _run_sequence_parallel(args: argparse.Namespace, parser: argparse.ArgumentPa
                 f"ReformerLM loss forward+backward, {layers} reversible LSH layers (d_model 256, d_ff 1024, "
                 f"2 hashes), {length} tokens, batch 1, fp32; CPU gloo, 1 thread per rank, "
                 f"torch {env['torch_version']}\nmedian of {args.repeats} steps after 1 warm-up step of "
-                "1024 tokens; peak: the process's resident set (VmHWM) over the measured steps"
+                f"{min(length, WARMUP_LENGTH)} tokens; peak: the process's resident set (VmHWM) over the "
+                "measured steps (the whole process)"
             )
             print(layout_table([r for r in rows if r["length"] == length and r["layers"] == layers]))
     wall_s = time.perf_counter() - start
