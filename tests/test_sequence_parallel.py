@@ -81,13 +81,52 @@ def _run_case(case, group) -> None:
         )
 
 
-def _worker(rank: int, world: int, port: int, cases, errors) -> None:
+def _sgd_step(net, model, ids) -> None:
+    """One plain SGD step on ``loss(ids, ids)``, so that saved weights are not the seed's."""
+    model.zero_grad()
+    net.loss(ids, ids).backward()
+    if isinstance(net, SequenceParallelLM):
+        net.sum_gradients()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+
+
+def _check_checkpoints(folder: str) -> None:
+    """A checkpoint written from a sequence-parallel model loads in one process and gives its logits,
+    and one written by a single process loads into a sequence-parallel model."""
+    cfg = _config(("lsh", "local", "full"), True, True)
+    ids = torch.randint(0, 50, (2, 45), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    sp = SequenceParallelLM(ReformerLM(cfg))
+    assert sp.state_dict().keys() == ReformerLM(cfg).state_dict().keys()
+    _sgd_step(sp, sp.model, ids)
+    if dist.get_rank() == 0:
+        sp.model.save_pretrained(f"{folder}/from_sp")
+        torch.manual_seed(12)
+        single = ReformerLM(cfg)
+        _sgd_step(single, single, ids)
+        single.save_pretrained(f"{folder}/from_one")
+    dist.barrier()
+    for saved_by in ("from_sp", "from_one"):
+        one = ReformerLM.from_pretrained(f"{folder}/{saved_by}").eval()
+        split = SequenceParallelLM(ReformerLM.from_pretrained(f"{folder}/{saved_by}")).eval()
+        if saved_by == "from_sp":
+            for name, p in one.named_parameters():
+                torch.testing.assert_close(p, dict(sp.model.named_parameters())[name], rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(split(ids), one(ids), rtol=1e-5, atol=1e-5)
+
+
+def _worker(rank: int, world: int, port: int, cases, errors, folder=None) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for case in cases:
             _run_case(case, None)
+        if folder is not None:
+            _check_checkpoints(folder)
         with pytest.raises(
             ValueError, match=f"n_heads=3 is not divisible by the sequence-parallel size {world}"
         ):
@@ -105,11 +144,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, cases) -> None:
+def _spawn(world: int, cases, folder=None) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.spawn(_worker, args=(world, _free_port(), cases, errors), nprocs=world)
+        mp.spawn(_worker, args=(world, _free_port(), cases, errors, folder), nprocs=world)
     except Exception:
         messages = []
         while not errors.empty():
@@ -117,8 +156,8 @@ def _spawn(world: int, cases) -> None:
         pytest.fail("\n".join(messages) or "a sequence-parallel worker failed")
 
 
-def test_two_gloo_ranks_equal_one_process():
-    _spawn(2, CASES)
+def test_two_gloo_ranks_equal_one_process_and_share_checkpoints(tmp_path):
+    _spawn(2, CASES, str(tmp_path))
 
 
 @pytest.mark.slow
@@ -165,3 +204,71 @@ def test_train_sequence_parallel_equals_one_process_and_resumes_across_layouts(t
     assert state["step"] == 3 and state["sequence_parallel"] == 2
     for name in first:
         torch.testing.assert_close(second[name], first[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_torchrun_on_cuda_takes_the_local_rank_gpu_and_nccl(monkeypatch):
+    """Under torchrun with CUDA present each process takes GPU LOCAL_RANK and NCCL (no GPU here: the
+    CUDA and process-group calls are recorded, not made)."""
+    from reformer.train import distributed
+    from reformer.train.config import TrainingError
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set_device", index))
+    monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        distributed.torch_dist, "init_process_group", lambda backend: calls.setdefault("backend", backend)
+    )
+    monkeypatch.setattr(distributed.torch_dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(distributed.torch_dist, "get_world_size", lambda: 4)
+    for device in (None, "cuda"):
+        calls.clear()
+        place = distributed.Distributed.setup(device)
+        assert place.device == torch.device("cuda", 3) and (place.rank, place.world_size) == (3, 4)
+        assert calls == {"set_device": 3, "backend": "nccl"}
+    with pytest.raises(TrainingError, match="--device cuda:0 names one GPU for all 4 processes"):
+        distributed.Distributed.setup("cuda:0")
+    calls.clear()
+    assert distributed.Distributed.setup("cpu").device == torch.device("cpu")
+    assert calls == {"backend": "gloo"}
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--sequence-parallel", "2"], "add --what model"),
+        (
+            ["--what", "model", "--sequence-parallel", "3"],
+            "--sequence-parallel 3 must be 2 or more and divide",
+        ),
+        (
+            ["--what", "model", "--sequence-parallel", "2", "--lengths", "1001"],
+            "--lengths 1001 is not divisible",
+        ),
+        (["--what", "model", "--sequence-parallel", "2", "--device", "cuda"], "runs CPU processes over gloo"),
+    ],
+)
+def test_bench_sequence_parallel_bad_arguments_name_the_value(argv, needle, capsys):
+    from reformer import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *argv])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three spawned processes
+def test_bench_sequence_parallel_reports_every_rank(tmp_path, capsys):
+    from reformer import cli
+
+    path = tmp_path / "rows.json"
+    argv = ["bench", "--what", "model", "--sequence-parallel", "2", "--lengths", "512", "--layers", "1"]
+    assert cli.main([*argv, "--repeats", "1", "--json", str(path)]) == 0
+    assert "per-rank peak, P=2 / P=1:" in capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["size"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    for r in rows:
+        assert r["length"] == 512 and r["peak_mib"] >= r["before_mib"] > 0 and r["step_s"] > 0
+        assert (r["comm_s"] > 0) == (r["size"] == 2)

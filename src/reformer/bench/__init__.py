@@ -10,6 +10,9 @@ What is measured (``--what``):
 * ``model``: ``reformer.ReformerLM`` (vocab 256, d_model 256, 4 heads, d_ff 1024, bucket 64, 2 hashes),
   ``model.loss(ids, ids)`` and its backward, reversible (``model-rev-N``) against ordinary residuals
   (``model-plain-N``) at each depth ``N`` of ``--layers``.
+* ``--what model --sequence-parallel P``: the 6-layer reversible model at 65536 tokens (``--lengths``,
+  ``--layers`` to change) in one process and split over ``P`` CPU processes (gloo): per-rank peak
+  resident set, step time and communication share (:mod:`reformer.bench.sequence_parallel`).
 * ``--paper-figure``: the Reformer paper's speed figure (Kitaev et al. 2020, Figure 5 right): the
   attention layers above at a fixed 32K tokens per batch (batch = 32768 // L), full attention against
   LSH attention with 1/2/4/8 hashes, L from 1K to 32K.

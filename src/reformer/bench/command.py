@@ -20,6 +20,7 @@ from .workloads import (
     DEFAULT_MODEL_LENGTHS,
     DTYPES,
     MODEL_HASHES,
+    N_HEADS,
     PAPER_LENGTHS,
     PAPER_TOKENS,
     BenchConfig,
@@ -28,6 +29,8 @@ from .workloads import (
 )
 
 DEFAULT_TIMEOUT_S = 300.0
+SEQUENCE_PARALLEL_LENGTH = 65536
+SEQUENCE_PARALLEL_LAYERS = 6
 
 
 def _positive_ints(what: str, example: str) -> Callable[[str], list[int]]:
@@ -118,6 +121,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the Reformer paper's speed figure: attention at 32768 tokens per batch (batch = 32768 // L), "
         "L = 1K..32K, full vs LSH with 1,2,4,8 hashes; writes paper_figure.png unless --plot is given",
     )
+    p.add_argument(
+        "--sequence-parallel",
+        type=_positive_int,
+        default=None,
+        metavar="P",
+        help="--what model: one sequence split over P CPU processes (gloo) against one process; per-rank "
+        "peak memory, step time and communication share (default length 65536, 6 layers)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the rows here")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE", help="write a log-log PNG here")
     p.add_argument("--markdown", type=Path, default=None, metavar="FILE", help="write the table as Markdown")
@@ -169,8 +180,56 @@ def plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Benc
     return model_configs(args.lengths or DEFAULT_MODEL_LENGTHS, args.layers or DEFAULT_LAYERS, **common)
 
 
+def _check_sequence_parallel(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    size = args.sequence_parallel
+    if args.what != "model":
+        parser.error(f"--sequence-parallel {size} measures the model; add --what model")
+    if args.device != "cpu":
+        parser.error(
+            f"--sequence-parallel {size} runs CPU processes over gloo; drop --device {args.device} "
+            "(on GPUs, time `torchrun ... -m reformer train --sequence-parallel P`, docs/distributed.md)"
+        )
+    if size < 2 or N_HEADS % size:
+        parser.error(f"--sequence-parallel {size} must be 2 or more and divide the model's {N_HEADS} heads")
+    for flag in ("hashes", "paper_figure", "plot", "markdown", "threads"):
+        if getattr(args, flag):
+            parser.error(f"--{flag.replace('_', '-')} does not apply to --sequence-parallel")
+    if args.dtype != "float32":
+        parser.error(f"--dtype {args.dtype}: --sequence-parallel measures float32 only")
+    for length in args.lengths or ():
+        if length % size:
+            parser.error(f"--lengths {length} is not divisible by --sequence-parallel {size}")
+
+
+def _run_sequence_parallel(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .sequence_parallel import WARMUP_LENGTH, layout_table, measure_layouts
+
+    _check_sequence_parallel(args, parser)
+    env = environment("cpu", 1)
+    start = time.perf_counter()
+    rows = []
+    for length in args.lengths or [SEQUENCE_PARALLEL_LENGTH]:
+        for layers in args.layers or [SEQUENCE_PARALLEL_LAYERS]:
+            rows += measure_layouts(length, layers, (1, args.sequence_parallel), steps=args.repeats)
+            print(
+                f"ReformerLM loss forward+backward, {layers} reversible LSH layers (d_model 256, d_ff 1024, "
+                f"2 hashes), {length} tokens, batch 1, fp32; CPU gloo, 1 thread per rank, "
+                f"torch {env['torch_version']}\nmedian of {args.repeats} steps after 1 warm-up step of "
+                f"{min(length, WARMUP_LENGTH)} tokens; peak: the process's resident set (VmHWM) over the "
+                "measured steps (the whole process)"
+            )
+            print(layout_table([r for r in rows if r["length"] == length and r["layers"] == layers]))
+    wall_s = time.perf_counter() - start
+    if args.json:
+        write_json(args.json, rows, {**env, "wall_s": round(wall_s, 1)}, sys.argv)
+        print(f"rows: {args.json}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``reformer bench``: measure, print the table, write the JSON / plot / Markdown asked for."""
+    if args.sequence_parallel is not None:
+        return _run_sequence_parallel(args, parser)
     configs = plan(args, parser)
     if args.paper_figure and args.plot is None:
         args.plot = Path("paper_figure.png")

@@ -33,11 +33,15 @@ class Distributed:
         if world_size == 1:
             return cls(device=torch.device(device))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "cuda":
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if dev.index is not None:  # every rank on one GPU: NCCL refuses, or all share its memory
+                raise TrainingError(
+                    f"--device {device} names one GPU for all {world_size} processes; use --device cuda "
+                    "(each process takes the GPU of its LOCAL_RANK)"
+                )
             torch.cuda.set_device(local_rank)
             dev = torch.device("cuda", local_rank)
-        else:
-            dev = torch.device(device)
         if not torch_dist.is_initialized():
             torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         return cls(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), device=dev)
