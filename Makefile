@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The tiny preset on the built-in corpus (~2 minutes on 2 CPU cores); runs/make-run is this demo's own
-# folder, replaced on every `make run`. Your own runs: `.venv/bin/reformer train --out DIR ...`.
+# The tiny preset on the built-in corpus (2.8 minutes on 2 idle CPU cores, install excluded; docs/quality.md);
+# runs/make-run is this demo's own folder, replaced on every `make run`. Your own runs: `.venv/bin/reformer train --out DIR ...`.
 run: venv
 	rm -rf runs/make-run
 	$(VENV)/bin/reformer train --preset tiny --out runs/make-run
