@@ -11,6 +11,8 @@ from pathlib import Path
 from ..config import read_json_object
 from ..model import ReformerLM
 from .config import PRECISIONS, PRESETS, SCHEDULES, TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError
+from .encoder_commands import add_encoder_arguments, encoder_settings, run_encoder_eval, run_task
+from .encoder_tasks import ENCODER_TASKS
 from .evaluation import evaluate_run, sample_text
 from .loop import train
 
@@ -24,7 +26,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH", help="text/binary files or folders, or enwik8[.zip] "
                    "(default: the Python standard library sources of this machine)")  # fmt: skip
     p.add_argument("--task", choices=TASKS, help="lm: next-byte prediction (default); copy: the paper's "
-                   "duplication task 0w0w")  # fmt: skip
+                   "duplication task 0w0w; mlm, classify, listops: encoders (docs/encoders.md)")  # fmt: skip
     p.add_argument(
         "--preset", choices=sorted(PRESETS), help="model and run settings to start from (default tiny)"
     )
@@ -32,6 +34,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
     )
+    add_encoder_arguments(p)
     g = p.add_argument_group("run")
     g.add_argument("--seq-len", type=int, help="tokens per sequence")
     g.add_argument("--batch-size", type=int, help="sequences per optimiser step over all processes")
@@ -75,7 +78,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Preset settings overridden by the flags given on the command line."""
-    preset_name = args.preset or ("copy" if args.task == "copy" else "tiny")
+    preset_name = args.preset or {"copy": "copy", "listops": "listops"}.get(args.task, "tiny")
     preset = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[preset_name].items()}
     if args.task == "lm" and preset.get("task") == "copy":
         raise ValueError(f"--preset {preset_name} is a copy-task preset; drop --task lm or pick tiny/enwik8")
@@ -88,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = replace(cfg, **given)
     if args.data:
         cfg.data = [str(Path(d).resolve()) for d in args.data]
+    encoder_settings(args, cfg)
     model = dict(cfg.model)
     for name in MODEL_FLAGS:
         if getattr(args, name, None) is not None:
@@ -159,7 +163,7 @@ def _flag(name: str) -> str:
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    out = Path(args.out or f"runs/{args.preset or ('copy' if args.task == 'copy' else 'tiny')}")
+    out = Path(args.out or f"runs/{args.preset or args.task or 'tiny'}")
     try:
         cfg = resumed_config(args, out) if args.resume else config_from_args(args)
         cfg.validate()
@@ -180,7 +184,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(
         f"saved {out} (step {result.step}): " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     )
-    if not args.no_sample:
+    if not args.no_sample and cfg.task in ("lm", "copy"):
         model = ReformerLM.from_pretrained(out)
         if cfg.task == "lm":
             print("sample:\n" + sample_text(model))
@@ -196,11 +200,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-hashes", type=int, help="LSH hash rounds at evaluation (default: as trained)")
     p.add_argument("--full-attention", action="store_true", help="exact attention in the LSH layers")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
+    p.add_argument("--truncate", action="store_true", help="classify: cut texts over max_seq_len")
+    p.add_argument("--n-examples", type=int, default=2000, help="listops: generated test expressions")
     p.add_argument("--batch-size", type=int, help="sequences per forward pass")
     p.add_argument("--device", help="cpu or cuda")
 
 
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if run_task(args.run) in ENCODER_TASKS:
+        return run_encoder_eval(args)
     try:
         metrics = evaluate_run(
             args.run, data=args.data, n_hashes=args.n_hashes, max_tokens=args.max_tokens,

@@ -24,6 +24,7 @@ from .batches import Batches
 from .checkpoints import checkpoint_dirs, load_checkpoint, restore_rng, rng_states, save_checkpoint
 from .config import TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
 from .distributed import Distributed, check_replicas
+from .encoder_tasks import TaskObjective, build_model
 from .evaluation import evaluate_batches
 from .metrics import MetricsLog, postfix, progress_bar
 
@@ -132,11 +133,11 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(cfg.data) if cfg.task == "lm" else None
-    model = ReformerLM(cfg.model_config()).to(dist.device)
+    batches = Batches(cfg, corpus)  # before the model: an encoder task may set cfg.labels / cfg.model
+    model = (ReformerLM(cfg.model_config()) if batches.encoder is None else build_model(cfg)).to(dist.device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
-    batches = Batches(cfg, corpus)
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0}
     if resume:
         state, rng = load_checkpoint(existing[-1], model, optimizer, dist.device)
@@ -149,11 +150,16 @@ def _train(
     if dist.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         source = corpus.describe() if corpus else f"copy task, length {cfg.seq_len}"
+        source = batches.encoder.describe() if batches.encoder is not None else source
         print(
             f"data: {source}\nmodel: {n_params:,} parameters, {model.config.n_layers} layers", file=sys.stderr
         )
 
     net = evaluated = model
+    if batches.encoder is not None:
+        if sequence_parallel > 1:
+            raise TrainingError(f"--sequence-parallel is for language models, not --task {cfg.task}")
+        net = TaskObjective(model)
     if sequence_parallel > 1:
         net = evaluated = SequenceParallelLM(model, mesh.sequence_group)
     if mesh.replicas > 1:
