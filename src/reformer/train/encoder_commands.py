@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import listops
-from ..config import read_json_object
+from ..config import ReformerConfig, read_json_object
 from ..data import contiguous_windows, load_corpus
 from ..labelled import DataError, load_labelled
 from ..models import ReformerForMaskedLM, ReformerForSequenceClassification
@@ -53,6 +53,8 @@ def encoder_settings(args: argparse.Namespace, cfg: TrainConfig) -> None:
                 f"--init {args.init} brings its model settings; drop --{given[0].replace('_', '-')}"
             )
         cfg.init = str(Path(args.init).resolve())
+        if args.seq_len is None:  # the pretrained encoder's length
+            cfg.seq_len = ReformerConfig.from_json(Path(cfg.init) / "config.json").max_seq_len
 
 
 def run_task(run: str) -> str | None:
