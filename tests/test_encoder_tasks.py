@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +233,39 @@ def test_classify_needs_a_valid_set(tmp_path):
                       task="classify", data=[str(path)], seq_len=64, steps=1, progress=False)  # fmt: skip
     with pytest.raises(Exception, match="--task classify needs one --data .* and one --valid"):
         train(cfg, tmp_path / "run")
+
+
+def test_sigint_stops_an_encoder_run_that_then_resumes(tmp_path):
+    run = tmp_path / "lo"
+    argv = ["train", "--task", "listops", "--seq-len", "96", "--min-len", "20", *SMALL, "--log-every", "1"]
+    env = {**os.environ, "REFORMER_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reformer", *argv, "--steps", "100000", "--save-every", "100000",
+         "--out", str(run)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    step = json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())["step"]
+    assert main([*argv, "--steps", str(step + 2), "--out", str(run), "--resume"]) == 0
+    assert json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())["step"] == step + 2
+
+
+def test_padded_batches_give_each_row_its_unpadded_logits():
+    from reformer.config import ReformerConfig
+    from reformer.train.encoder_tasks import pad_rows, split_padding
+
+    torch.manual_seed(0)
+    cfg = ReformerConfig(vocab_size=15, d_model=32, n_heads=2, n_layers=2, d_ff=64, bucket_size=8,
+                         attn_layers=("local", "lsh"), local_chunk_size=8, causal=False, max_seq_len=64,
+                         initializer_range=0.3)  # fmt: skip
+    model = ReformerForSequenceClassification(cfg, n_labels=10).eval()
+    rows = [torch.randint(0, 15, (n,)).tolist() for n in (40, 7, 23)]
+    ids, mask = split_padding(pad_rows(rows))
+    batched = model(ids, attention_mask=mask)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(batched[i], model(torch.tensor([row]))[0], atol=1e-5, rtol=1e-5)
