@@ -38,12 +38,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                    n_hashes=4, attn_layers=("lsh",), axial_pos_shape=(1024,), axial_pos_dims=(256,)),
         seq_len=1024, batch_size=32, steps=3000, lr=2e-3, warmup=200, eval_every=250, save_every=500,
     ),
-    # ListOps (train/encoder_tasks.py) at a CPU size: lengths 250-1000, a small encoder.
+    # ListOps (train/encoder_tasks.py) at a CPU size: lengths 129-512, a small local/LSH encoder
+    # (docs/encoders.md; LRA's lengths: --seq-len 2000 --min-len 500).
     "listops": dict(
-        task="listops",
+        task="listops", min_len=128,
         model=dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, bucket_size=32, n_hashes=2,
-                   attn_layers=("full", "full"), local_chunk_size=64),
-        seq_len=1000, batch_size=32, steps=3000, lr=1e-3, warmup=100, eval_every=100, save_every=100,
+                   attn_layers=("local", "lsh"), local_chunk_size=64),
+        seq_len=512, batch_size=16, steps=2000, lr=2e-3, warmup=30, eval_every=50, save_every=50,
         eval_batches=16,
     ),
     # The paper's enwik8 model: 12 layers, d_model 1024, d_ff 4096, 8 heads, 64K tokens.
