@@ -60,6 +60,18 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     register(subparsers, "generate", help, description, generation.add_arguments, generation.run)
 
 
+def add_predict(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer predict``: labels and probabilities of a trained classifier for texts."""
+    from .train import encoder_commands
+
+    help = "labels and probabilities from a classifier run (--task classify | listops) for texts"
+    description = "One line per text: the label, its probability, then the top classes as label=p."
+    register(
+        subparsers, "predict", help, description, encoder_commands.add_predict_arguments,
+        encoder_commands.run_predict,
+    )  # fmt: skip
+
+
 def add_bench(subparsers: argparse._SubParsersAction) -> None:
     """``reformer bench``: time and peak memory of attention layers and models against length."""
     from . import bench
@@ -106,6 +118,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_bench,
     add_convert,
     add_generate,
+    add_predict,
 )
 
 

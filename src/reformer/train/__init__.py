@@ -10,7 +10,8 @@ temporary name and renamed when complete, so an interrupted save never leaves a 
 
 # Modules (this docstring is also `reformer train --help`'s description): config (run settings, presets,
 # schedule), batches, loop, checkpoints (with the RNG states), distributed, metrics (JSONL, plot, progress
-# bar), evaluation, commands (`reformer train` / `reformer eval`).
+# bar), evaluation, commands (`reformer train` / `reformer eval`); the encoder tasks: encoder_tasks (mlm,
+# classify, listops: data, model, objective, metrics), masking, encoder_commands (their flags, eval, predict).
 
 from .batches import Batches
 from .checkpoints import checkpoint_dirs, load_checkpoint, save_checkpoint

@@ -6,6 +6,7 @@ import torch
 
 from ..data import Corpus, copy_task_batch, random_windows
 from .config import TrainConfig
+from .encoder_tasks import ENCODER_TASKS, EncoderData
 
 # Seeds of the fixed held-out batches, apart from the training seed so evaluation never moves it.
 EVAL_SEED = 12345
@@ -18,8 +19,13 @@ class Batches:
     def __init__(self, cfg: TrainConfig, corpus: Corpus | None) -> None:
         self.cfg, self.corpus = cfg, corpus
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.encoder = None
+        if cfg.task in ENCODER_TASKS:
+            self.encoder = EncoderData(cfg)
 
     def draw(self, size: int, generator: torch.Generator, split: str = "train"):
+        if self.encoder is not None:
+            return self.encoder.draw(size, generator, split)
         if self.cfg.task == "copy":
             return copy_task_batch(size, self.cfg.seq_len, generator)
         return random_windows(getattr(self.corpus, split), self.cfg.seq_len, size, generator)
@@ -32,5 +38,7 @@ class Batches:
     def held_out(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The same ``eval_batches`` batches at every evaluation, so the curve is comparable."""
         generator = torch.Generator().manual_seed(EVAL_SEED)
+        if self.encoder is not None:
+            return self.encoder.held_out(generator)
         size = min(self.cfg.batch_size, 8)
         return [self.draw(size, generator, "valid") for _ in range(self.cfg.eval_batches)]

@@ -59,7 +59,8 @@ def load_checkpoint(folder: Path, model: ReformerLM, optimizer, device: torch.de
     state = read_json_object(
         folder / TRAINER_STATE_FILE, "the checkpoint is damaged; delete it to resume from the one before"
     )
-    loaded = type(model).from_pretrained(folder, map_location=device)
+    settings = model.head_settings() if hasattr(model, "head_settings") else {}
+    loaded = type(model).from_pretrained(folder, map_location=device, **settings)
     if loaded.config.to_dict() != model.config.to_dict():
         raise TrainingError(f"{folder}/config.json does not match the run's model settings")
     model.load_state_dict(loaded.state_dict())

@@ -20,6 +20,8 @@ from .config import (
     TrainConfig,
     TrainingError,
 )
+from .encoder_commands import add_encoder_arguments, encoder_settings, run_encoder_eval, run_task
+from .encoder_tasks import ENCODER_TASKS
 from .evaluation import evaluate_run, sample_text
 from .loop import train
 
@@ -38,8 +40,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH", help="text/binary files or folders, or enwik8[.zip] "
                    "(default: the Python standard library sources of this machine)")  # fmt: skip
     p.add_argument("--task", choices=TASKS, help="lm: next-byte prediction (default); copy: the paper's "
-                   "duplication task 0w0w; reverse / sort / pairs (--data F.jsonl): encoder-decoder "
-                   "(preset seq2seq)")  # fmt: skip
+                   "duplication task 0w0w; mlm, classify, listops: encoders (docs/encoders.md); "
+                   "reverse / sort / pairs (--data F.jsonl): encoder-decoder (preset seq2seq)")  # fmt: skip
     p.add_argument(
         "--preset", choices=sorted(PRESETS), help="model and run settings to start from (default tiny)"
     )
@@ -47,6 +49,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
     )
+    add_encoder_arguments(p)
     g = p.add_argument_group("run")
     g.add_argument("--seq-len", type=int, help="tokens per sequence")
     g.add_argument("--batch-size", type=int, help="sequences per optimiser step over all processes")
@@ -115,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.cosine_steps = cfg.steps
     if args.data:
         cfg.data = [str(Path(d).resolve()) for d in args.data]
+    encoder_settings(args, cfg)
     model = dict(cfg.model)
     for name in MODEL_FLAGS:
         if getattr(args, name, None) is not None:
@@ -135,14 +139,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.seq_len is not None:
         model.pop("max_seq_len", None)
     # Recorded in train_config.json, so that a resumed run keeps the rule it started with.
-    model.setdefault("lsh_key_rule", "own_bucket" if model.get("causal", True) else "chunks")
+    bidirectional = cfg.task in ENCODER_TASKS or not model.get("causal", True)
+    model.setdefault("lsh_key_rule", "chunks" if bidirectional else "own_bucket")
     cfg.model = model
     return cfg
 
 
 def default_preset(task: str | None) -> str:
     """The preset a task starts from when --preset is not given."""
-    return {"copy": "copy", "reverse": "seq2seq", "sort": "seq2seq", "pairs": "seq2seq"}.get(task, "tiny")
+    presets = {
+        "copy": "copy",
+        "listops": "listops",
+        "reverse": "seq2seq",
+        "sort": "seq2seq",
+        "pairs": "seq2seq",
+    }
+    return presets.get(task, "tiny")
 
 
 def resumed_config(args: argparse.Namespace, run: Path) -> TrainConfig:
@@ -193,7 +205,7 @@ def _flag(name: str) -> str:
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    out = Path(args.out or f"runs/{args.preset or default_preset(args.task)}")
+    out = Path(args.out or f"runs/{args.preset or args.task or 'tiny'}")
     try:
         cfg = resumed_config(args, out) if args.resume else config_from_args(args)
         cfg.validate()
@@ -214,13 +226,13 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(
         f"saved {out} (step {result.step}): " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
     )
-    if not args.no_sample:
-        if cfg.task in SEQ2SEQ_TASKS:
-            from .seq2seq import evaluate_seq2seq_run
+    if not args.no_sample and cfg.task in SEQ2SEQ_TASKS:
+        from .seq2seq import evaluate_seq2seq_run
 
-            metrics = evaluate_seq2seq_run(out, n_hashes=8)
-            print(f"held-out token accuracy with 8 hashes: {metrics['accuracy']:.4f}")
-            return 0
+        metrics = evaluate_seq2seq_run(out, n_hashes=8)
+        print(f"held-out token accuracy with 8 hashes: {metrics['accuracy']:.4f}")
+        return 0
+    if not args.no_sample and cfg.task in ("lm", "copy"):
         model = ReformerLM.from_pretrained(out)
         if cfg.task == "lm":
             print("sample:\n" + sample_text(model))
@@ -236,11 +248,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-hashes", type=int, help="LSH hash rounds at evaluation (default: as trained)")
     p.add_argument("--full-attention", action="store_true", help="exact attention in the LSH layers")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
+    p.add_argument("--truncate", action="store_true", help="classify: cut texts over max_seq_len")
+    p.add_argument("--n-examples", type=int, default=2000, help="listops: generated test expressions")
     p.add_argument("--batch-size", type=int, help="sequences per forward pass")
     p.add_argument("--device", help="cpu or cuda")
 
 
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if run_task(args.run) in ENCODER_TASKS:
+        return run_encoder_eval(args)
     saved = Path(args.run) / TRAIN_CONFIG_FILE
     if saved.is_file() and read_json_object(saved, "the run folder is damaged").get("task") in SEQ2SEQ_TASKS:
         from .seq2seq import evaluate_seq2seq_run

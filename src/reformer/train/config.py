@@ -9,11 +9,12 @@ from typing import Any
 from ..config import ReformerConfig, dataclass_from_dict, default_axial_shape
 
 TRAIN_CONFIG_FILE = "train_config.json"
-TASKS = ("lm", "copy", "reverse", "sort", "pairs")
+TASKS = ("lm", "copy", "mlm", "classify", "listops", "reverse", "sort", "pairs")
 SEQ2SEQ_TASKS = ("reverse", "sort", "pairs")  # encoder-decoder tasks: train/seq2seq.py
 SCHEDULES = ("rsqrt", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 COPY_VOCAB = 128  # symbols 0..127
+ENCODER_VOCAB = {"mlm": 257, "classify": 257, "listops": 15}  # bytes + the mask id; ListOps' 15 symbols
 
 # Model settings and run settings per preset; command-line flags override them.
 # fmt: off
@@ -51,6 +52,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                    axial_pos_shape=(128,), axial_pos_dims=(128,), cross_attention="full"),
         seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=100, eval_every=100, save_every=200,
         eval_batches=4,
+    ),
+    # ListOps (train/encoder_tasks.py) at a CPU size: lengths 129-512, a small local/LSH encoder
+    # (docs/encoders.md; LRA's lengths: --seq-len 2000 --min-len 500).
+    "listops": dict(
+        task="listops", min_len=128,
+        model=dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, bucket_size=32, n_hashes=2,
+                   attn_layers=("local", "lsh"), local_chunk_size=64),
+        seq_len=512, batch_size=16, steps=2000, lr=2e-3, warmup=30, eval_every=50, save_every=50,
+        eval_batches=16,
     ),
     # The paper's enwik8 model: 12 layers, d_model 1024, d_ff 4096, 8 heads, 64K tokens.
     "enwik8": dict(
@@ -96,6 +106,13 @@ class TrainConfig:
     max_minutes: float | None = None
     seed: int = 0
     progress: bool = True
+    # Encoder tasks (train/encoder_tasks.py): the held-out set and pretrained encoder of `classify`,
+    # cutting over-long texts, the classes (recorded at the start), ListOps' shortest length.
+    valid: list[str] = field(default_factory=list)
+    init: str | None = None
+    truncate: bool = False
+    labels: list[str] = field(default_factory=list)
+    min_len: int | None = None
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -119,6 +136,8 @@ class TrainConfig:
             raise ValueError("the cosine schedule needs its own horizon: pass --cosine-steps N")
         if self.task == "copy" and (self.seq_len % 2 or self.seq_len < 4):
             raise ValueError(f"the copy task needs an even --seq-len of at least 4, got {self.seq_len}")
+        if self.task == "listops" and self.min_len is not None and not 0 <= self.min_len < self.seq_len:
+            raise ValueError(f"--min-len {self.min_len} must lie in [0, --seq-len {self.seq_len})")
 
     def model_config(self) -> ReformerConfig:
         if self.task in SEQ2SEQ_TASKS:
@@ -129,7 +148,11 @@ class TrainConfig:
         settings.setdefault("max_seq_len", self.seq_len)
         if "axial_pos_shape" not in settings:
             settings["axial_pos_shape"] = default_axial_shape(settings["max_seq_len"])
-        settings.setdefault("vocab_size", COPY_VOCAB if self.task == "copy" else 256)
+        settings.setdefault(
+            "vocab_size", COPY_VOCAB if self.task == "copy" else ENCODER_VOCAB.get(self.task, 256)
+        )
+        if self.task in ENCODER_VOCAB:
+            settings.setdefault("causal", False)
         return ReformerConfig(**settings)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from ..data import IGNORE_INDEX, contiguous_windows, copy_task_batch, decode_byt
 from ..model import ReformerLM
 from .batches import EVAL_SEED
 from .config import TRAIN_CONFIG_FILE, TrainConfig
+from .encoder_tasks import ENCODER_TASKS, evaluate_encoder
 
 
 @torch.no_grad()
@@ -25,7 +26,10 @@ def evaluate_batches(
     n_hashes: int | None = None,
 ) -> dict[str, float]:
     """Mean loss in nats over next-token targets, plus ``bits_per_byte`` (language modelling) or
-    ``accuracy`` (copy task: share of second-half tokens predicted right)."""
+    ``accuracy`` (copy task: share of second-half tokens predicted right); encoder tasks: see
+    :func:`~reformer.train.encoder_tasks.evaluate_encoder`."""
+    if task in ENCODER_TASKS:
+        return evaluate_encoder(model, batches, task, device, n_hashes)
     was_training = model.training
     model.eval()
     total_loss, total_count, total_correct = 0.0, 0, 0

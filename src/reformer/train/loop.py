@@ -25,6 +25,7 @@ from .batches import Batches
 from .checkpoints import checkpoint_dirs, load_checkpoint, restore_rng, rng_states, save_checkpoint
 from .config import SEQ2SEQ_TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
 from .distributed import Distributed, check_replicas
+from .encoder_tasks import TaskObjective, build_model
 from .evaluation import evaluate_batches
 from .metrics import MetricsLog, postfix, progress_bar
 from .seq2seq import Seq2SeqBatches, TeacherForced, evaluate_seq2seq
@@ -137,11 +138,18 @@ def _train(
     seq2seq = cfg.task in SEQ2SEQ_TASKS
     if seq2seq and sequence_parallel > 1:
         raise TrainingError(f"--task {cfg.task} does not support --sequence-parallel; use data parallelism")
-    model = (ReformerEncoderDecoder if seq2seq else ReformerLM)(cfg.model_config()).to(dist.device)
+    if seq2seq:
+        batches = Seq2SeqBatches(cfg)
+        model = ReformerEncoderDecoder(cfg.model_config()).to(dist.device)
+    else:
+        batches = Batches(cfg, corpus)  # before the model: an encoder task may set cfg.labels / cfg.model
+        model = (ReformerLM(cfg.model_config()) if batches.encoder is None else build_model(cfg)).to(
+            dist.device
+        )
+    encoder_data = getattr(batches, "encoder", None)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
-    batches = Seq2SeqBatches(cfg) if seq2seq else Batches(cfg, corpus)
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0}
     if resume:
         state, rng = load_checkpoint(existing[-1], model, optimizer, dist.device)
@@ -155,6 +163,7 @@ def _train(
         n_params = sum(p.numel() for p in model.parameters())
         source = corpus.describe() if corpus else f"copy task, length {cfg.seq_len}"
         source = batches.describe() if seq2seq else source
+        source = encoder_data.describe() if encoder_data is not None else source
         layers = f"{model.config.encoder.n_layers} + {model.config.decoder.n_layers}" if seq2seq else None
         print(
             f"data: {source}\nmodel: {n_params:,} parameters, {layers or model.config.n_layers} layers",
@@ -162,6 +171,10 @@ def _train(
         )
 
     net = evaluated = TeacherForced(model) if seq2seq else model
+    if encoder_data is not None:
+        if sequence_parallel > 1:
+            raise TrainingError(f"--sequence-parallel is for language models, not --task {cfg.task}")
+        net = TaskObjective(model)
     if sequence_parallel > 1:
         net = evaluated = SequenceParallelLM(model, mesh.sequence_group)
     if mesh.replicas > 1:
