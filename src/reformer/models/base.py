@@ -38,6 +38,14 @@ TRUNK_PREFIXES = ("embeddings.", "layers.", "final_norm.")
 logger = logging.getLogger("reformer")
 
 
+def build_feed_forward(cfg: ReformerConfig) -> FeedForward:
+    """The chunked feed-forward of every layer of a stack configured by ``cfg``."""
+    return FeedForward(
+        cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout=cfg.dropout, chunk_size=cfg.ff_chunk_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+    )  # fmt: skip
+
+
 def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
     common = dict(d_head=cfg.d_head, causal=cfg.causal, attn_dropout=cfg.attn_dropout, dropout=cfg.dropout)
     if kind == "lsh":
@@ -124,14 +132,7 @@ class ReformerTrunk(nn.Module):
         blocks = [
             ReformerBlock(
                 build_attention(c, kind, i),
-                FeedForward(
-                    c.d_model,
-                    c.d_ff,
-                    activation=c.activation,
-                    dropout=c.dropout,
-                    chunk_size=c.ff_chunk_size,
-                    layer_norm_eps=c.layer_norm_eps,
-                ),
+                build_feed_forward(c),
                 c.d_model,
                 c.layer_norm_eps,
             )  # fmt: skip

@@ -17,10 +17,15 @@ from torch import nn
 from ..attention import CrossAttention, LSHCrossAttention
 from ..data import IGNORE_INDEX
 from ..embeddings import AxialPositionEmbedding, ReformerEmbeddings
-from ..feedforward import FeedForward
 from ..files import atomic_write
 from ..reversible_decoder import DecoderBlock, ReversibleDecoder
-from .base import EVAL_HASH_SEED_BASE, WEIGHTS_FILE, build_attention, chunked_cross_entropy
+from .base import (
+    EVAL_HASH_SEED_BASE,
+    WEIGHTS_FILE,
+    build_attention,
+    build_feed_forward,
+    chunked_cross_entropy,
+)
 from .heads import ReformerEncoder
 from .seq2seq_config import Seq2SeqConfig
 
@@ -61,14 +66,7 @@ class ReformerEncoderDecoder(nn.Module):
             DecoderBlock(
                 build_attention(dec, kind, i),
                 self._cross_attention(i),
-                FeedForward(
-                    dec.d_model,
-                    dec.d_ff,
-                    activation=dec.activation,
-                    dropout=dec.dropout,
-                    chunk_size=dec.ff_chunk_size,
-                    layer_norm_eps=dec.layer_norm_eps,
-                ),
+                build_feed_forward(dec),
                 dec.d_model,
                 dec.layer_norm_eps,
             )  # fmt: skip
