@@ -82,7 +82,7 @@ class ReformerConfig:
             self.attn_layers = ("lsh",) * self.n_layers
         self.attn_layers = tuple(self.attn_layers)
         if self.lsh_key_rule is None:
-            self.lsh_key_rule = "own_bucket" if self.causal else "chunks"
+            self.lsh_key_rule = default_key_rule(self.causal)
         if isinstance(self.n_buckets, list):
             self.n_buckets = tuple(self.n_buckets)
         if self.d_head is None and isinstance(self.d_model, int) and isinstance(self.n_heads, int):
@@ -210,6 +210,11 @@ def validate_n_buckets(n_buckets: int | tuple[int, ...] | list[int] | None) -> N
             f"n_buckets={n_buckets!r} must be None (automatic), an even integer >= 2, "
             "or a list of even integers >= 2 (factorised buckets)"
         )
+
+
+def default_key_rule(causal: bool) -> str:
+    """The LSH key rule of a new model: truly causal ``"own_bucket"`` when ``causal``, else ``"chunks"``."""
+    return "own_bucket" if causal else "chunks"
 
 
 def validate_key_rule(key_rule: str, causal: bool, n_buckets: Any = 0) -> None:

@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ..config import KEY_RULES, read_json_object
+from ..config import KEY_RULES, default_key_rule, read_json_object
 from ..model import ReformerLM
 from .config import (
     PRECISIONS,
@@ -139,8 +139,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.seq_len is not None:
         model.pop("max_seq_len", None)
     # Recorded in train_config.json, so that a resumed run keeps the rule it started with.
-    bidirectional = cfg.task in ENCODER_TASKS or not model.get("causal", True)
-    model.setdefault("lsh_key_rule", "chunks" if bidirectional else "own_bucket")
+    causal = cfg.task not in ENCODER_TASKS and model.get("causal", True)
+    model.setdefault("lsh_key_rule", default_key_rule(causal))
     cfg.model = model
     return cfg
 
