@@ -266,9 +266,11 @@ def test_bench_sequence_parallel_reports_every_rank(tmp_path, capsys):
     path = tmp_path / "rows.json"
     argv = ["bench", "--what", "model", "--sequence-parallel", "2", "--lengths", "512", "--layers", "1"]
     assert cli.main([*argv, "--repeats", "1", "--json", str(path)]) == 0
-    assert "per-rank peak, P=2 / P=1:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "per-rank process peak, P=2 / P=1:" in out and "per-rank live tensors, P=2 / P=1:" in out
     rows = json.loads(path.read_text())["rows"]
     assert [(r["size"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     for r in rows:
         assert r["length"] == 512 and r["peak_mib"] >= r["before_mib"] > 0 and r["step_s"] > 0
+        assert 0 < r["tensor_peak_mib"] < r["peak_mib"]
         assert (r["comm_s"] > 0) == (r["size"] == 2)

@@ -7,9 +7,11 @@ thread each: ``warmup`` steps of ``loss(ids, ids)`` forward+backward at a short 
 libraries' code without leaving a full-length heap behind), then ``steps`` measured ones at ``length``.
 Per rank: the peak resident set of the process during the measured steps (kernel ``VmHWM``, reset before
 them: the whole process, libraries, weights and gradients included), the resident set before them, the
-median step time and the share of it spent in collectives (the all-to-all exchanges, the loss
-all-reduces and the gradient sum; timed around each call, so a rank's wait for a slower peer counts as
-communication). ``P = 1`` runs the plain model and has no collectives.
+peak of the live tensors (:class:`~reformer.bench.tensor_memory.TensorMemory`: what a GPU's allocator
+would report, without the libraries and the C heap's slack), the median step time and the share of it
+spent in collectives (the all-to-all exchanges, the loss all-reduces and the gradient sum; timed around
+each call, so a rank's wait for a slower peer counts as communication). ``P = 1`` runs the plain model
+and has no collectives.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from .memory import hwm_bytes, reset_hwm, rss_bytes
+from .tensor_memory import TensorMemory
 from .workloads import BUCKET, D_FF, D_MODEL, INPUT_SEED, MODEL_HASHES, N_HEADS, VOCAB
 
 WARMUP_LENGTH = 1024
@@ -91,7 +94,8 @@ def _rank_main(rank: int, size: int, port: int, settings: dict[str, int], result
         times, comm = [], []
         before = rss_bytes()
         reset_hwm()
-        with _timed_collectives(clock):
+        tensors = TensorMemory(existing=[*model.parameters(), ids, short])
+        with _timed_collectives(clock), tensors:
             for _ in range(settings["steps"]):
                 clock["comm_s"] = 0.0
                 start = time.perf_counter()
@@ -106,6 +110,7 @@ def _rank_main(rank: int, size: int, port: int, settings: dict[str, int], result
                 "layers": settings["layers"],
                 "peak_mib": hwm_bytes() / 2**20,
                 "before_mib": before / 2**20,
+                "tensor_peak_mib": tensors.peak / 2**20,
                 "step_s": statistics.median(times),
                 "comm_s": statistics.median(comm),
             }  # fmt: skip
@@ -150,16 +155,21 @@ def measure_layouts(
 
 
 def layout_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The per-rank rows and, per layout after the first, its worst rank's peak over the first's."""
-    lines = [f"{'P':>2} {'rank':>4} {'peak MiB':>9} {'before MiB':>10} {'step s':>8} {'comm share':>10}"]
+    """The per-rank rows and, per layout after the first, its worst rank's peaks over the first's: the
+    process's resident set and the live tensors (the allocator's view, as on a GPU)."""
+    lines = [
+        f"{'P':>2} {'rank':>4} {'peak MiB':>9} {'before MiB':>10} {'tensors MiB':>11} {'step s':>8} "
+        f"{'comm share':>10}"
+    ]
     for r in rows:
         share = r["comm_s"] / r["step_s"] if r["step_s"] > 0 else 0.0
         lines.append(
             f"{r['size']:>2} {r['rank']:>4} {r['peak_mib']:>9.0f} {r['before_mib']:>10.0f} "
-            f"{r['step_s']:>8.2f} {share:>10.1%}"
+            f"{r['tensor_peak_mib']:>11.0f} {r['step_s']:>8.2f} {share:>10.1%}"
         )
     sizes = list(dict.fromkeys(r["size"] for r in rows))
-    worst = {s: max(r["peak_mib"] for r in rows if r["size"] == s) for s in sizes}
-    for size in sizes[1:]:
-        lines.append(f"per-rank peak, P={size} / P={sizes[0]}: {worst[size] / worst[sizes[0]]:.2f}")
+    for key, what in (("peak_mib", "process peak"), ("tensor_peak_mib", "live tensors")):
+        worst = {s: max(r[key] for r in rows if r["size"] == s) for s in sizes}
+        for size in sizes[1:]:
+            lines.append(f"per-rank {what}, P={size} / P={sizes[0]}: {worst[size] / worst[sizes[0]]:.2f}")
     return "\n".join(lines)
