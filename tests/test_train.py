@@ -420,3 +420,25 @@ def test_a_training_step_is_deterministic_at_the_tiny_presets_size():
         runs.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for grads in runs[1:]:
         assert [n for n in grads if not torch.equal(grads[n], runs[0][n])] == []
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1.0 + 5e-7, 1.0 + 1e-4, 2.0])
+def test_clip_gradients_equals_clip_grad_norm(max_norm):
+    """Clipped, inside clip_grad_norm_'s 1e-6 band (it scales by 1 / (1 + 1e-6 - 5e-7)), and not clipped."""
+    from reformer.train.loop import clip_gradients
+
+    torch.manual_seed(0)
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)) for _ in "ab"
+    ]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(5, 8)
+    for m in models:
+        m(x).square().sum().backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in m.parameters()])
+        for p in m.parameters():
+            p.grad /= norm  # total norm 1 (to float32 rounding)
+    torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+    clip_gradients(models[1], max_norm)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
