@@ -39,7 +39,7 @@ OUT = Path("runs/quality")
 DOCS = Path("docs")
 COMMON = [
     "--d-model", "128", "--n-heads", "4", "--d-ff", "512", "--bucket-size", "64",
-    "--local-chunk-size", "128", "--batch-size", "1", "--lr", "4e-3",
+    "--local-chunk-size", "128", "--reversible", "--batch-size", "1", "--lr", "4e-3", "--warmup", "50",
     "--schedule", "cosine", "--eval-every", "25", "--eval-batches", "4", "--save-every", "25",
     "--no-progress", "--no-sample",
 ]  # fmt: skip

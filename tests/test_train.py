@@ -442,3 +442,11 @@ def test_clip_gradients_equals_clip_grad_norm(max_norm):
     clip_gradients(models[1], max_norm)
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize(("flag", "reversible"), [("--reversible", True), ("--no-reversible", False)])
+def test_reversible_flag_sets_the_model(tmp_path, corpus_file, flag, reversible):
+    run = tmp_path / "run"
+    main(["train", "--data", str(corpus_file), "--out", str(run), *SMALL_FLAGS, "--steps", "1", flag])
+    assert json.loads((run / "config.json").read_text())["reversible"] is reversible
+    assert json.loads((run / "train_config.json").read_text())["model"]["reversible"] is reversible
