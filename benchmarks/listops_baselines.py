@@ -6,7 +6,8 @@ On the generated test set of ``reformer eval`` (the same seed and lengths), prin
     MED, SM), fitted on a separate generated set: what a model that reads only the first token gets,
   - the outermost operator plus its direct digit arguments (MAX: their largest, MIN: their smallest;
     MED and SM: the operator alone), fitted the same way: what reading the top level of the tree adds,
-and, for each run folder given, its accuracy overall and per outermost operator on the same expressions.
+and, for each run folder given, its accuracy overall, per outermost operator and per third of the length
+range on the same expressions.
 
     python benchmarks/listops_baselines.py --min-len 128 --max-len 512 runs/listops-full runs/listops-local
     python benchmarks/listops_baselines.py --min-len 500 --max-len 1999      # LRA's lengths
@@ -107,6 +108,12 @@ def main() -> None:
             picked = [r for r, row in zip(right, rows, strict=True) if row[0] == 10 + i]
             per_op.append(f"{name[1:]} {sum(picked) / max(len(picked), 1):.3f} (n={len(picked)})")
         print(f"{run}: accuracy {sum(right) / len(right):.4f}; by outer operator: {', '.join(per_op)}")
+        edges = [args.min_len + (args.max_len - args.min_len) * k // 3 for k in range(4)]
+        per_len = []
+        for lo, hi in zip(edges, edges[1:], strict=False):
+            picked = [r for r, row in zip(right, rows, strict=True) if lo < len(row) <= hi]
+            per_len.append(f"{lo + 1}-{hi} {sum(picked) / max(len(picked), 1):.3f} (n={len(picked)})")
+        print(f"  by length: {', '.join(per_len)}")
 
 
 if __name__ == "__main__":
