@@ -10,6 +10,12 @@ split as ``reformer train --task mlm``, so MLM pretraining never saw the held-ou
 
     python benchmarks/same_file_task.py --out runs/same-file --n-train 4000 --n-valid 500
     reformer train --task classify --data runs/same-file/train.jsonl --valid runs/same-file/valid.jsonl
+    python benchmarks/same_file_task.py --overlap-baseline runs/same-file
+
+``--overlap-baseline DIR`` scores a rule that needs both halves and no training beyond one threshold: the
+Jaccard overlap of the two excerpts' identifiers, ``same`` at or above the threshold that is most
+accurate on ``train.jsonl``; it prints that accuracy on ``valid.jsonl`` (a check that the task can be
+learned from the two halves together).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -53,14 +60,45 @@ def example(files: list[str], rng: random.Random, half: int) -> dict:
     return {"text": x + SEPARATOR + y, "label": "same" if same else "different"}
 
 
+def identifier_overlap(text: str) -> float:
+    """Jaccard overlap of the identifier sets of an example's two excerpts."""
+    first, second = text.split(SEPARATOR, 1)
+    a, b = (set(re.findall(r"[A-Za-z_]\w+", part)) for part in (first, second))
+    return len(a & b) / max(1, len(a | b))
+
+
+def overlap_baseline(folder: Path) -> tuple[float, float, float]:
+    """(threshold, training accuracy, held-out accuracy) of "same iff overlap >= threshold", the threshold
+    chosen on ``train.jsonl``."""
+
+    def scored(name: str) -> list[tuple[float, bool]]:
+        lines = (folder / name).read_text().splitlines()
+        return [(identifier_overlap(r["text"]), r["label"] == "same") for r in map(json.loads, lines)]
+
+    def accuracy(rows: list[tuple[float, bool]], threshold: float) -> float:
+        return sum((x >= threshold) == same for x, same in rows) / len(rows)
+
+    train, valid = scored("train.jsonl"), scored("valid.jsonl")
+    threshold = max(sorted({x for x, _ in train}), key=lambda t: accuracy(train, t))
+    return threshold, accuracy(train, threshold), accuracy(valid, threshold)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="folder for train.jsonl and valid.jsonl")
+    p.add_argument("--overlap-baseline", metavar="DIR", help="score the identifier-overlap rule on DIR")
     p.add_argument("--half", type=int, default=248, help="bytes per excerpt at most")
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-valid", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.overlap_baseline:
+        threshold, train_acc, valid_acc = overlap_baseline(Path(args.overlap_baseline))
+        print(f"identifier overlap >= {threshold:.4f}: train accuracy {train_acc:.4f}, ", end="")
+        print(f"held-out {valid_acc:.4f}")
+        return
+    if not args.out:
+        p.error("give --out (write the task) or --overlap-baseline DIR (score the overlap rule)")
     root = Path(sysconfig.get_paths()["stdlib"])
     splits: dict[str, list[str]] = {"train": [], "valid": []}
     for path in default_corpus_files():
