@@ -31,7 +31,7 @@ MODEL_FLAGS = (
     "dropout", "hash_seed",
 )  # fmt: skip
 # Flags of the encoder-decoder tasks (train/seq2seq.py), also model settings.
-MODEL_FLAGS += ("cross_attention", "cross_n_hashes", "cross_chunk_size", "cross_window")
+MODEL_FLAGS += ("cross_attention", "cross_n_hashes", "cross_chunk_size", "cross_window", "position_embedding")
 # Settings a resumed run may change; everything else must match the saved run.
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "max_minutes", "progress")
 
@@ -95,6 +95,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--local-chunk-size", type=int, help="local attention chunk length")
     m.add_argument("--dropout", type=float)
     m.add_argument("--hash-seed", type=int, help="fix the hash rotations (default: fresh every step)")
+    m.add_argument(
+        "--position-embedding",
+        choices=("axial", "sinusoidal"),
+        help="learned axial (default) or fixed "
+        "sinusoidal positions (the encoder-decoder's reversal learns with sinusoidal; docs/seq2seq.md)",
+    )
     m.add_argument("--cross-attention", choices=("full", "lsh"), help="encoder-decoder tasks: exact or LSH")
     m.add_argument("--cross-n-hashes", type=int, help="LSH cross-attention hash rounds")
     m.add_argument("--cross-chunk-size", type=int, help="LSH cross-attention query chunk length")
