@@ -116,3 +116,18 @@ def test_seq2seq_cached_decoding_uses_absolute_positions(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = ReformerEncoderDecoder.from_pretrained(tmp_path).double().eval()
     torch.testing.assert_close(loaded(src, inputs), full, rtol=0, atol=0)
+
+
+def test_train_command_builds_both_stacks_with_the_chosen_positions(tmp_path):
+    from reformer.cli import main
+
+    out = tmp_path / "run"
+    assert main([
+        "train", "--task", "reverse", "--seq-len", "16", "--steps", "1", "--d-model", "32", "--n-heads", "2",
+        "--d-ff", "64", "--batch-size", "2", "--position-embedding", "sinusoidal", "--out", str(out),
+        "--no-progress", "--no-sample",
+    ]) == 0  # fmt: skip
+    model = ReformerEncoderDecoder.from_pretrained(out)
+    assert model.config.encoder.position_embedding == model.config.decoder.position_embedding == "sinusoidal"
+    assert isinstance(model.embeddings.positions, SinusoidalPositionEmbedding)
+    assert isinstance(model.encoder.embeddings.positions, SinusoidalPositionEmbedding)
