@@ -15,6 +15,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 # Which keys a query sees in an LSH round: "chunks" (trax/HF: its sorted chunk and the neighbour chunks)
 # or "own_bucket" (truly causal: the last W earlier keys of its own bucket); see lsh_attention.
 KEY_RULES = ("chunks", "own_bucket")
+POSITION_KINDS = ("axial", "sinusoidal")
 
 
 def _is_even_positive(n: Any) -> bool:
@@ -40,6 +41,13 @@ class ReformerConfig:
     ``"chunks"``, the rule they were made with. With ``"own_bucket"`` and ``n_buckets=None`` the bucket
     count is chosen from ``max_seq_len`` (about two buckets per chunk at that length), not from the
     length of the input, which would make it depend on later tokens.
+
+    ``position_embedding`` is ``"axial"`` (learned axial position embeddings of shape ``axial_pos_shape``
+    and dims ``axial_pos_dims``, the paper's and HF's) or ``"sinusoidal"`` (fixed sines and cosines, no
+    parameters; see :class:`~reformer.embeddings.SinusoidalPositionEmbedding`). Sinusoidal positions make
+    relations between positions (an offset, a mirror image) one linear map shared by every position: the
+    encoder-decoder learns the reversal of 1,024 tokens with them and not with learned ones
+    (docs/seq2seq.md). HF's Reformer has only axial positions, so ``to_hf`` refuses sinusoidal models.
     """
 
     vocab_size: int = 256
@@ -66,6 +74,8 @@ class ReformerConfig:
     # position embeddings: axial shape (prod >= max_seq_len) and per-axis dims (sum == d_model)
     axial_pos_shape: tuple[int, ...] | None = None
     axial_pos_dims: tuple[int, ...] | None = None
+    # "axial" (learned, the above) or "sinusoidal" (fixed; the axial settings are then unused)
+    position_embedding: str = "axial"
     # regularisation and numerics
     dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -135,6 +145,10 @@ class ReformerConfig:
             raise ValueError(f"hash_seed={self.hash_seed!r} must be an integer or None")
         for n in self.axial_pos_shape:
             _require_positive_int("axial_pos_shape entries", n)
+        if self.position_embedding not in POSITION_KINDS:
+            raise ValueError(
+                f"position_embedding={self.position_embedding!r} is unknown; use one of {POSITION_KINDS}"
+            )
         if math.prod(self.axial_pos_shape) < self.max_seq_len:
             raise ValueError(
                 f"axial_pos_shape={self.axial_pos_shape} covers {math.prod(self.axial_pos_shape)} positions "

@@ -1,4 +1,5 @@
-"""Token embeddings and axial position embeddings (Reformer paper, appendix / trax)."""
+"""Token embeddings and position embeddings: learned axial ones (Reformer paper, appendix / trax) or fixed
+sinusoidal ones (Vaswani et al. 2017)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,41 @@ class AxialPositionEmbedding(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
+class SinusoidalPositionEmbedding(nn.Module):
+    """Fixed sinusoidal position embeddings scaled by ``amplitude``: position ``p`` gets
+    ``amplitude * cat(sin(p * w), cos(p * w))`` with ``d // 2`` frequencies ``w_k = base ** (-k / (d // 2))``
+    (an odd ``d`` gets a zero last component). No parameters.
+
+    Every position's vector is a fixed rotation of position 0's, per frequency, so a linear map of the
+    embedding of ``p`` gives the embedding of ``p + c`` or of ``c - p`` for any constant ``c``: attention
+    can express "the position at offset c" or "the mirror position" with one matrix shared by all
+    positions, where learned positions must learn every pair on its own.
+    """
+
+    def __init__(self, d: int, amplitude: float = 1.0, base: float = 10000.0) -> None:
+        super().__init__()
+        self.d, self.amplitude, self.base = d, amplitude, base
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``positions``: ``(length,)`` or ``(batch, length)`` int64 -> ``(..., d)`` in ``dtype``. The angles
+        are computed in float64 (exact enough at any length), then rounded."""
+        half = self.d // 2
+        k = torch.arange(half, dtype=torch.float64, device=positions.device)
+        inv_freq = torch.exp(-math.log(self.base) * k / max(half, 1))
+        angles = positions.to(torch.float64)[..., None] * inv_freq
+        parts = [angles.sin(), angles.cos()]
+        if self.d % 2:
+            parts.append(angles.new_zeros(*angles.shape[:-1], 1))
+        return (self.amplitude * torch.cat(parts, dim=-1)).to(dtype)
+
+
 class ReformerEmbeddings(nn.Module):
-    """Token embedding plus axial position embedding, then dropout.
+    """Token embedding plus position embedding, then dropout.
+
+    ``position_embedding`` is ``"axial"`` (learned, :class:`AxialPositionEmbedding` over ``axial_shape`` /
+    ``axial_dims``) or ``"sinusoidal"`` (fixed, :class:`SinusoidalPositionEmbedding` with amplitude
+    ``sqrt(2) * init_std``: each component then has the root-mean-square of a token embedding at
+    initialisation, so neither drowns the other).
 
     Shapes: ``input_ids`` ``(batch, length)`` int64 -> ``(batch, length, d_model)``.
     """
@@ -59,13 +93,25 @@ class ReformerEmbeddings(nn.Module):
         axial_shape: tuple[int, ...],
         axial_dims: tuple[int, ...],
         dropout: float = 0.0,
+        position_embedding: str = "axial",
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model)
-        self.positions = AxialPositionEmbedding(axial_shape, axial_dims)
+        if position_embedding == "sinusoidal":
+            self.positions = SinusoidalPositionEmbedding(d_model, amplitude=math.sqrt(2.0) * init_std)
+        elif position_embedding == "axial":
+            self.positions = AxialPositionEmbedding(axial_shape, axial_dims)
+        else:
+            raise ValueError(
+                f"position_embedding={position_embedding!r} is unknown; use 'axial' or 'sinusoidal'"
+            )
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.dropout(self.tokens(input_ids) + self.positions(position_ids))
+        tokens = self.tokens(input_ids)
+        if isinstance(self.positions, SinusoidalPositionEmbedding):
+            return self.dropout(tokens + self.positions(position_ids, tokens.dtype))
+        return self.dropout(tokens + self.positions(position_ids))

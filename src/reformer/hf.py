@@ -113,6 +113,11 @@ def config_to_hf_dict(config: ReformerConfig) -> dict[str, Any]:
             f"HF's Reformer has only the 'chunks' LSH rule; lsh_key_rule={config.lsh_key_rule!r} cannot be "
             "converted (train with lsh_key_rule='chunks' to export)"
         )
+    if config.position_embedding != "axial":
+        raise ValueError(
+            f"HF's Reformer has only axial position embeddings; position_embedding="
+            f"{config.position_embedding!r} cannot be converted (train with position_embedding='axial')"
+        )
     n_buckets = config.n_buckets
     return dict(
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_attention_heads=config.n_heads,

@@ -127,8 +127,9 @@ class ReformerTrunk(nn.Module):
         self.config = config
         c = config
         self.embeddings = ReformerEmbeddings(
-            c.vocab_size, c.d_model, c.axial_pos_shape, c.axial_pos_dims, c.dropout
-        )
+            c.vocab_size, c.d_model, c.axial_pos_shape, c.axial_pos_dims, c.dropout,
+            c.position_embedding, c.initializer_range,
+        )  # fmt: skip
         blocks = [
             ReformerBlock(
                 build_attention(c, kind, i),

@@ -60,8 +60,9 @@ class ReformerEncoderDecoder(nn.Module):
         enc, dec = config.encoder, config.decoder
         self.encoder = ReformerEncoder(enc)
         self.embeddings = ReformerEmbeddings(
-            dec.vocab_size, dec.d_model, dec.axial_pos_shape, dec.axial_pos_dims, dec.dropout
-        )
+            dec.vocab_size, dec.d_model, dec.axial_pos_shape, dec.axial_pos_dims, dec.dropout,
+            dec.position_embedding, dec.initializer_range,
+        )  # fmt: skip
         blocks = [
             DecoderBlock(
                 build_attention(dec, kind, i),

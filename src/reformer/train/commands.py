@@ -28,7 +28,7 @@ from .loop import train
 # Flags of `reformer train` that map onto ReformerConfig fields.
 MODEL_FLAGS = (
     "d_model", "n_heads", "n_layers", "d_ff", "bucket_size", "n_hashes", "lsh_key_rule", "local_chunk_size",
-    "dropout", "hash_seed", "reversible",
+    "dropout", "hash_seed", "reversible", "position_embedding",
 )  # fmt: skip
 # Flags of the encoder-decoder tasks (train/seq2seq.py), also model settings.
 MODEL_FLAGS += ("cross_attention", "cross_n_hashes", "cross_chunk_size", "cross_window")
@@ -98,6 +98,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--reversible", action=argparse.BooleanOptionalAction,
         help="reversible residual layers (memory flat in depth; the backward recomputes each layer)",
+    )  # fmt: skip
+    m.add_argument(
+        "--position-embedding", choices=("axial", "sinusoidal"),
+        help="learned axial (default) or fixed sinusoidal positions (docs/seq2seq.md)",
     )  # fmt: skip
     m.add_argument("--cross-attention", choices=("full", "lsh"), help="encoder-decoder tasks: exact or LSH")
     m.add_argument("--cross-n-hashes", type=int, help="LSH cross-attention hash rounds")
