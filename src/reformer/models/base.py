@@ -38,6 +38,14 @@ TRUNK_PREFIXES = ("embeddings.", "layers.", "final_norm.")
 logger = logging.getLogger("reformer")
 
 
+def build_embeddings(cfg: ReformerConfig) -> ReformerEmbeddings:
+    """Token and position embeddings of a stack configured by ``cfg``."""
+    return ReformerEmbeddings(
+        cfg.vocab_size, cfg.d_model, cfg.axial_pos_shape, cfg.axial_pos_dims, cfg.dropout,
+        cfg.position_embedding, cfg.initializer_range,
+    )  # fmt: skip
+
+
 def build_feed_forward(cfg: ReformerConfig) -> FeedForward:
     """The chunked feed-forward of every layer of a stack configured by ``cfg``."""
     return FeedForward(
@@ -126,10 +134,7 @@ class ReformerTrunk(nn.Module):
             )
         self.config = config
         c = config
-        self.embeddings = ReformerEmbeddings(
-            c.vocab_size, c.d_model, c.axial_pos_shape, c.axial_pos_dims, c.dropout,
-            c.position_embedding, c.initializer_range,
-        )  # fmt: skip
+        self.embeddings = build_embeddings(c)
         blocks = [
             ReformerBlock(
                 build_attention(c, kind, i),

@@ -16,13 +16,14 @@ from torch import nn
 
 from ..attention import CrossAttention, LSHCrossAttention
 from ..data import IGNORE_INDEX
-from ..embeddings import AxialPositionEmbedding, ReformerEmbeddings
+from ..embeddings import AxialPositionEmbedding
 from ..files import atomic_write
 from ..reversible_decoder import DecoderBlock, ReversibleDecoder
 from .base import (
     EVAL_HASH_SEED_BASE,
     WEIGHTS_FILE,
     build_attention,
+    build_embeddings,
     build_feed_forward,
     chunked_cross_entropy,
 )
@@ -59,10 +60,7 @@ class ReformerEncoderDecoder(nn.Module):
         self.config = config
         enc, dec = config.encoder, config.decoder
         self.encoder = ReformerEncoder(enc)
-        self.embeddings = ReformerEmbeddings(
-            dec.vocab_size, dec.d_model, dec.axial_pos_shape, dec.axial_pos_dims, dec.dropout,
-            dec.position_embedding, dec.initializer_range,
-        )  # fmt: skip
+        self.embeddings = build_embeddings(dec)
         blocks = [
             DecoderBlock(
                 build_attention(dec, kind, i),
