@@ -137,7 +137,7 @@ MUTATIONS = [
     ),
     Mutation(
         "lse-merge", "attention/chunked.py",
-        "acc[flat_rows] * old_scale[:, None] + out", "acc[flat_rows] + out",
+        "acc[rows] * old_scale[:, None] + out", "acc[rows] + out",
         "hash rounds merged without rescaling the earlier rounds (old_scale dropped)",
     ),
     Mutation(

@@ -228,6 +228,41 @@ def _dropout_mask(shape, p: float, generator: torch.Generator, device, dtype) ->
     return keep.to(dtype).div_(1.0 - p)
 
 
+def merge_round(acc, run_max, run_sum, rows, out, lse, first: bool, base2: bool) -> None:
+    """Fold one round's attention into the running results (online log-sum-exp, REFERENCE.md step 9).
+
+    ``out`` ``(n, dim)`` is the round's normalised output for the query ``rows`` ``(n,)`` (distinct) and
+    ``lse`` ``(n,)`` its log-sum-exp, in base 2 if ``base2`` else base e. ``acc`` ``(rows, dim)``,
+    ``run_max`` and ``run_sum`` ``(rows,)`` are updated in place: the output so far, the largest LSE and
+    the sum of ``exp(lse - run_max)``. The first round just writes.
+    """
+    if first:
+        acc.index_copy_(0, rows, out)
+        run_max.index_copy_(0, rows, lse)
+        run_sum.index_fill_(0, rows, 1.0)
+        return
+    exp_ = torch.Tensor.exp2_ if base2 else torch.Tensor.exp_
+    old_max = run_max[rows]
+    new_max = torch.maximum(old_max, lse)
+    old_scale, new_scale = exp_(old_max - new_max), exp_(lse - new_max)
+    acc.index_copy_(0, rows, acc[rows] * old_scale[:, None] + out * new_scale[:, None])
+    run_sum.index_copy_(0, rows, run_sum[rows] * old_scale + new_scale)
+    run_max.index_copy_(0, rows, new_max)
+
+
+def merged_output(acc, run_max, run_sum, dtype, empty_lse: float, base2: bool):
+    """The output ``(rows, dim)`` in ``dtype`` and the total log-sum-exp ``(rows,)`` of the merged rounds.
+
+    Queries with no allowed key (LSE below ``empty_lse``) get a zero output and an infinite LSE, which
+    makes their backward probabilities exactly zero, consistent with an output that does not depend on
+    q, k or v.
+    """
+    total_lse = run_max + (run_sum.log2() if base2 else run_sum.log())
+    empty = total_lse < empty_lse
+    out = (acc / run_sum[:, None]).masked_fill_(empty[:, None], 0.0).to(dtype)
+    return out, total_lse.masked_fill_(empty, float("inf"))
+
+
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: ChunkPlan, dropout_p: float, seed: int | None):
@@ -249,25 +284,9 @@ class _ChunkedAttention(torch.autograd.Function):
                 weights.mul_(_dropout_mask(weights.shape, dropout_p, generator, q.device, acc_dtype))
             out = torch.matmul(weights.to(v.dtype), _take(v, k_rows)).to(acc_dtype)
             out = out.div_(row_sum[..., None]).flatten(0, 1)
-            flat_rows, lse = q_rows.reshape(-1), (row_max.squeeze(-1) + row_sum.log2()).reshape(-1)
-            if i < per_round:  # first round: nothing to merge with yet
-                acc.index_copy_(0, flat_rows, out)
-                run_max.index_copy_(0, flat_rows, lse)
-                run_sum.index_fill_(0, flat_rows, 1.0)
-                continue
-            # Later rounds: online log-sum-exp merge (REFERENCE.md step 9), in base 2.
-            old_max = run_max[flat_rows]
-            new_max = torch.maximum(old_max, lse)
-            old_scale, new_scale = (old_max - new_max).exp2_(), (lse - new_max).exp2_()
-            acc.index_copy_(0, flat_rows, acc[flat_rows] * old_scale[:, None] + out * new_scale[:, None])
-            run_sum.index_copy_(0, flat_rows, run_sum[flat_rows] * old_scale + new_scale)
-            run_max.index_copy_(0, flat_rows, new_max)
-        total_lse = run_max + run_sum.log2()  # base 2
-        # Queries with no allowed key: zero output, and an infinite LSE makes their backward
-        # probabilities exactly zero, consistent with an output that does not depend on q, k or v.
-        empty = total_lse < EMPTY_LSE
-        out = (acc / run_sum[:, None]).masked_fill_(empty[:, None], 0.0).to(v.dtype)
-        total_lse.masked_fill_(empty, float("inf"))
+            lse = (row_max.squeeze(-1) + row_sum.log2()).reshape(-1)
+            merge_round(acc, run_max, run_sum, q_rows.reshape(-1), out, lse, i < per_round, base2=True)
+        out, total_lse = merged_output(acc, run_max, run_sum, v.dtype, EMPTY_LSE, base2=True)
         ctx.save_for_backward(q, k, v, out, total_lse)
         ctx.plan, ctx.dropout_p, ctx.seed = plan, dropout_p, seed
         return out

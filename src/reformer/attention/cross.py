@@ -16,17 +16,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .base import SelfAttentionBase
+from .chunked import MASK_VALUE, _acc_dtype
 
 # Scores held at once: batch x heads x query block x key block. 2**22 float32 values is 16 MiB.
 CROSS_BLOCK_SCORES = 2**22
 KEY_BLOCK = 1024
-MASK_VALUE = -1e9
 # A query whose keys are all padding has a log-sum-exp near MASK_VALUE: zero output, no gradient.
 EMPTY_LSE = MASK_VALUE / 2
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _blocks(length: int, size: int) -> list[tuple[int, int]]:

@@ -34,11 +34,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, total_buckets
-from .chunked import draw_call_seed
-from .cross import CrossAttention, check_cross_inputs
+from .chunked import _acc_dtype, _take, draw_call_seed, merge_round, merged_output
+from .cross import EMPTY_LSE, MASK_VALUE, CrossAttention, check_cross_inputs
 
-MASK_VALUE = -1e9
-EMPTY_LSE = MASK_VALUE / 2
 # Scores held at once: (chunks in a block) x chunk_size x window.
 BLOCK_SCORES = 2**21
 
@@ -63,14 +61,6 @@ class CrossPlan:
         per_block = max(1, BLOCK_SCORES // (chunk * self.k_rows.shape[-1]))
         ids = torch.arange(n, device=self.q_rows.device)
         return [(r, block) for r in range(rounds) for block in ids.split(per_block)]
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return x.index_select(0, rows.reshape(-1)).view(*rows.shape, *x.shape[1:])
 
 
 def _scores(q, k, plan: CrossPlan, r: int, block: torch.Tensor, scale: float, acc_dtype):
@@ -98,22 +88,9 @@ class _GatheredAttention(torch.autograd.Function):
             row_sum = weights.sum(-1)
             out = torch.matmul(weights.to(v.dtype), _take(v, k_rows)).to(acc_dtype)
             out = out.div_(row_sum[..., None]).flatten(0, 1)
-            flat, lse = q_rows.reshape(-1), (row_max.squeeze(-1) + row_sum.log()).reshape(-1)
-            if r == 0:
-                acc.index_copy_(0, flat, out)
-                run_max.index_copy_(0, flat, lse)
-                run_sum.index_fill_(0, flat, 1.0)
-                continue
-            old_max = run_max[flat]
-            new_max = torch.maximum(old_max, lse)
-            old_scale, new_scale = (old_max - new_max).exp_(), (lse - new_max).exp_()
-            acc.index_copy_(0, flat, acc[flat] * old_scale[:, None] + out * new_scale[:, None])
-            run_sum.index_copy_(0, flat, run_sum[flat] * old_scale + new_scale)
-            run_max.index_copy_(0, flat, new_max)
-        total_lse = run_max + run_sum.log()
-        empty = total_lse < EMPTY_LSE
-        out = (acc / run_sum[:, None]).masked_fill_(empty[:, None], 0.0).to(v.dtype)
-        total_lse.masked_fill_(empty, math.inf)
+            lse = (row_max.squeeze(-1) + row_sum.log()).reshape(-1)
+            merge_round(acc, run_max, run_sum, q_rows.reshape(-1), out, lse, r == 0, base2=False)
+        out, total_lse = merged_output(acc, run_max, run_sum, v.dtype, EMPTY_LSE, base2=False)
         ctx.save_for_backward(q, k, v, out, total_lse)
         ctx.plan = plan
         return out
