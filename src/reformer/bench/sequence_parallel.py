@@ -132,8 +132,9 @@ def measure_layouts(
     """One row per rank of every layout in ``sizes`` (``1`` is the plain model in one process).
 
     Keys: ``size``, ``rank``, ``length``, ``layers``, ``peak_mib`` (the process's peak resident set over
-    the measured steps), ``before_mib`` (its resident set before them), ``step_s`` and ``comm_s``
-    (medians over the measured steps).
+    the measured steps), ``before_mib`` (its resident set before them), ``tensor_peak_mib`` (the peak of
+    its live tensors over them), ``step_s`` and ``comm_s`` (medians over the measured steps; the
+    live-tensor count runs during them, so they include its small per-operation cost).
     """
     import torch.multiprocessing as mp
 

@@ -94,10 +94,10 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> None:
     about a sixth of a ``tiny`` step (docs/quality.md). They are skipped exactly where the factor is 1,
     so the gradients are bit-identical to ``clip_grad_norm_``'s.
     """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads)
+    params = [p for p in model.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
     if total + 1e-6 > max_norm:
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
 
 @dataclass
