@@ -63,6 +63,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="split each sequence over P processes of a torchrun job (P divides --nproc-per-node; the "
         "groups of P are data-parallel replicas); a run may resume with another P",
     )  # fmt: skip
+    g.add_argument(
+        "--curriculum-start", type=int, metavar="L0",
+        help="reverse / sort: train on examples of L0 tokens centred in the --seq-len positions, doubling "
+        "the length when the training loss falls below --curriculum-loss (docs/seq2seq.md)",
+    )  # fmt: skip
+    g.add_argument("--curriculum-loss", type=float, help="the curriculum's loss threshold (default 0.3 nats)")
     g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     g.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
