@@ -31,7 +31,7 @@ MODEL_FLAGS = (
     "dropout", "hash_seed", "reversible", "position_embedding",
 )  # fmt: skip
 # Flags of the encoder-decoder tasks (train/seq2seq.py), also model settings.
-MODEL_FLAGS += ("cross_attention", "cross_n_hashes", "cross_chunk_size", "cross_window")
+MODEL_FLAGS += ("cross_attention", "cross_n_heads", "cross_n_hashes", "cross_chunk_size", "cross_window")
 # Settings a resumed run may change; everything else must match the saved run.
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "max_minutes", "progress")
 
@@ -110,6 +110,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="learned axial (default) or fixed sinusoidal positions (docs/seq2seq.md)",
     )  # fmt: skip
     m.add_argument("--cross-attention", choices=("full", "lsh"), help="encoder-decoder tasks: exact or LSH")
+    m.add_argument("--cross-n-heads", type=int, help="cross-attention heads (default: --n-heads)")
     m.add_argument("--cross-n-hashes", type=int, help="LSH cross-attention hash rounds")
     m.add_argument("--cross-chunk-size", type=int, help="LSH cross-attention query chunk length")
     m.add_argument("--cross-window", type=int, help="LSH cross-attention keys per query chunk")

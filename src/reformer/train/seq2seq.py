@@ -36,7 +36,10 @@ BYTE_START, BYTE_EOS, BYTE_VOCAB = 256, 257, 258
 SOURCE_PAD = -1
 HELD_OUT_EVERY = 20
 # Model settings of the seq2seq presets that are not ReformerConfig fields.
-SEQ2SEQ_KEYS = ("cross_attention", "cross_chunk_size", "cross_window", "cross_n_hashes", "cross_n_buckets")
+SEQ2SEQ_KEYS = (
+    "cross_attention", "cross_n_heads", "cross_chunk_size", "cross_window", "cross_n_hashes",
+    "cross_n_buckets",
+)  # fmt: skip
 EVAL_SEED = 54321
 CURRICULUM_WINDOW = 10
 
