@@ -31,7 +31,10 @@ MODEL_FLAGS = (
     "dropout", "hash_seed", "reversible", "position_embedding",
 )  # fmt: skip
 # Flags of the encoder-decoder tasks (train/seq2seq.py), also model settings.
-MODEL_FLAGS += ("cross_attention", "cross_n_heads", "cross_n_hashes", "cross_chunk_size", "cross_window")
+MODEL_FLAGS += (
+    "cross_attention", "cross_n_heads", "cross_n_hashes", "cross_chunk_size", "cross_window",
+    "cross_n_buckets",
+)  # fmt: skip
 # Settings a resumed run may change; everything else must match the saved run.
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "max_minutes", "progress")
 
@@ -113,6 +116,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--cross-n-heads", type=int, help="cross-attention heads (default: --n-heads)")
     m.add_argument("--cross-n-hashes", type=int, help="LSH cross-attention hash rounds")
     m.add_argument("--cross-chunk-size", type=int, help="LSH cross-attention query chunk length")
+    m.add_argument("--cross-n-buckets", type=int, help="LSH cross-attention buckets (default: 2 per chunk)")
     m.add_argument("--cross-window", type=int, help="LSH cross-attention keys per query chunk")
 
 
