@@ -98,3 +98,26 @@ def test_bad_offsets_are_named():
     for bad in (-1, 2.0, True):
         with pytest.raises(ValueError, match=f"position offset {bad!r} must be a non-negative integer"):
             model.loss(src, tgt, source_offset=bad)
+
+
+def test_generation_at_offsets_equals_the_teacher_forced_forward():
+    """Cached decoding (exact self- and cross-attention) embeds each new token at target_offset + t: its
+    greedy tokens are the argmax of the teacher-forced logits at the same offsets, and recomputation
+    gives the same tokens."""
+    torch.manual_seed(3)
+    common = dict(d_model=16, n_heads=2, d_ff=32, max_seq_len=MAX_LEN, n_layers=2, initializer_range=0.3,
+                  position_embedding="sinusoidal")  # fmt: skip
+    enc = ReformerConfig(vocab_size=23, attn_layers=("full", "full"), causal=False, **common)
+    dec = ReformerConfig(vocab_size=23, attn_layers=("full", "full"), causal=True, **common)
+    model = ReformerEncoderDecoder(Seq2SeqConfig(enc, dec, share_embeddings=True)).double().eval()
+    src = torch.randint(1, 23, (2, 12))
+    offsets = dict(source_offset=14, target_offset=30)
+    cached = model.generate(src, max_new_tokens=10, **offsets)
+    assert torch.equal(cached, model.generate(src, max_new_tokens=10, use_cache=False, **offsets))
+    assert not torch.equal(cached, model.generate(src, max_new_tokens=10))
+    inputs = torch.cat([torch.zeros(2, 1, dtype=torch.long), cached[:, :-1]], 1)
+    assert torch.equal(model(src, inputs, **offsets).argmax(-1), cached)
+    with pytest.raises(ValueError, match="max_new_tokens=11 exceeds the decoder's max_seq_len=40 less"):
+        model.generate(src, max_new_tokens=11, **offsets)
+    with pytest.raises(ValueError, match="position offset -2 must be"):
+        model.generate(src, max_new_tokens=1, target_offset=-2)

@@ -156,7 +156,10 @@ class Seq2SeqBatches:
 
     def describe(self) -> str:
         if self.pairs is None:
-            return f"{self.cfg.task} task, length {self.cfg.seq_len}, symbols 1..{self.vocab - 1}"
+            curriculum = ""
+            if self.cfg.curriculum_start is not None:
+                curriculum = f" (curriculum from {self.cfg.curriculum_start}, centred)"
+            return f"{self.cfg.task} task, length {self.cfg.seq_len}{curriculum}, symbols 1..{self.vocab - 1}"
         return f"{len(self.pairs[0])} training / {len(self.pairs[1])} held-out pairs from {self.cfg.data}"
 
     def draw(self, size: int, generator: torch.Generator, split: str = "train"):
