@@ -75,6 +75,20 @@ class SinusoidalPositionEmbedding(nn.Module):
         return (self.amplitude * torch.cat(parts, dim=-1)).to(dtype)
 
 
+def position_ids(length: int, offset: int, max_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Positions ``offset .. offset + length - 1`` ``(length,)`` int64 of a sequence that starts at position
+    ``offset``; they must lie below ``max_len`` (a model's ``max_seq_len``: learned positions have no
+    embedding beyond it, and the fixed ones are kept to the same range)."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"position offset {offset!r} must be a non-negative integer")
+    if offset + length > max_len:
+        raise ValueError(
+            f"position offset {offset} + length {length} exceeds max_seq_len={max_len}; lower the offset, "
+            "shorten the sequence or build the model with a larger max_seq_len"
+        )
+    return torch.arange(offset, offset + length, device=device)
+
+
 class ReformerEmbeddings(nn.Module):
     """Token embedding plus position embedding, then dropout.
 
@@ -83,7 +97,8 @@ class ReformerEmbeddings(nn.Module):
     ``sqrt(2) * init_std``: each component then has the root-mean-square of a token embedding at
     initialisation, so neither drowns the other).
 
-    Shapes: ``input_ids`` ``(batch, length)`` int64 -> ``(batch, length, d_model)``.
+    Shapes: ``input_ids`` ``(batch, length)`` int64 -> ``(batch, length, d_model)``; ``position_ids``
+    ``(length,)`` or ``(batch, length)`` int64 (default ``0 .. length - 1``).
     """
 
     def __init__(

@@ -21,6 +21,7 @@ import torch
 
 from ..attention import FullSelfAttention, LSHCrossAttention
 from ..attention.cross import cross_attention
+from ..embeddings import position_ids
 from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, total_buckets
 from ..reversible_decoder import STEPS
 from .sampling import check_sampling, sample_next
@@ -144,22 +145,30 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     n_hashes: int | None = None,
+    source_offset: int = 0,
+    target_offset: int = 0,
 ) -> torch.Tensor:
     """Targets ``(batch, n)`` int64 decoded for ``source_ids`` ``(batch, L_enc)`` (greedy by default).
 
     ``max_new_tokens`` defaults to the decoder's ``max_seq_len``. With the config's ``eos_id`` set,
     decoding stops once every row has produced it (rows that finished early repeat ``eos_id``).
-    ``n_hashes`` sets the LSH rounds of the encoder, decoder and cross-attention.
+    ``n_hashes`` sets the LSH rounds of the encoder, decoder and cross-attention. ``source_offset`` /
+    ``target_offset``: the first source / decoder position (see :class:`ReformerEncoderDecoder`); the
+    decoder's positions ``target_offset ..`` must fit its ``max_seq_len``.
     """
-    limit = model.config.decoder.max_seq_len
+    position_ids(0, target_offset, model.config.decoder.max_seq_len)  # a non-negative integer that fits
+    limit = model.config.decoder.max_seq_len - target_offset
     max_new_tokens = limit if max_new_tokens is None else max_new_tokens
     check_sampling(max_new_tokens, temperature, top_k, top_p, n_hashes)
     if max_new_tokens > limit:
-        raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the decoder's max_seq_len={limit}")
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} exceeds the decoder's max_seq_len={limit + target_offset} "
+            f"less target_offset={target_offset}"
+        )
     was_training = model.training
     model.eval()
     try:
-        memory, memory_mask = model.encode(source_ids, source_mask, n_hashes)
+        memory, memory_mask = model.encode(source_ids, source_mask, n_hashes, source_offset)
         batch, device = source_ids.shape[0], source_ids.device
         inputs = torch.full((batch, 1), model.config.decoder_start_id, dtype=torch.long, device=device)
         cache = (
@@ -169,9 +178,10 @@ def generate(
         out = []
         for t in range(max_new_tokens):
             if cache is not None:
-                logits = _cached_step(model, cache, inputs[:, -1:], t, memory_mask)
+                logits = _cached_step(model, cache, inputs[:, -1:], target_offset + t, memory_mask)
             else:
-                logits = model.lm_head(model.decode(memory, memory_mask, inputs, None, n_hashes)[:, -1])
+                hidden = model.decode(memory, memory_mask, inputs, None, n_hashes, target_offset)
+                logits = model.lm_head(hidden[:, -1])
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)
             if eos is not None:
                 next_ids = next_ids.masked_fill(done, eos)

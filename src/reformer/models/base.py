@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
 from ..config import ReformerConfig, read_json_object
-from ..embeddings import AxialPositionEmbedding, ReformerEmbeddings
+from ..embeddings import AxialPositionEmbedding, ReformerEmbeddings, position_ids
 from ..feedforward import FeedForward
 from ..files import atomic_write, atomic_write_text
 from ..hashing import auto_n_buckets
@@ -221,6 +221,7 @@ class ReformerTrunk(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         n_hashes: int | None = None,
+        position_offset: int = 0,
     ) -> torch.Tensor:
         """Final normalised hidden states ``(batch, length, 2 * d_model)``.
 
@@ -228,9 +229,16 @@ class ReformerTrunk(nn.Module):
         layers and their outputs moved back after, so a real token's output depends on its own row's real
         tokens only, wherever the padding is (left, right or holes): positions, local-attention chunks
         and LSH buckets are those of the row alone. Outputs at padding positions are unspecified.
+
+        ``position_offset`` o: the (real) tokens take the position embeddings of ``o, o + 1, ...`` instead of
+        ``0, 1, ...`` (``o + length <= max_seq_len``); only the embeddings move, local-attention chunks and
+        LSH buckets are those of the given sequence.
         """
         input_ids, attention_mask, order = self.real_tokens_first(input_ids, attention_mask)
-        x = self.embeddings(input_ids.long())
+        positions = position_ids(
+            input_ids.shape[1], position_offset, self.config.max_seq_len, input_ids.device
+        )
+        x = self.embeddings(input_ids.long(), positions)
         y1, y2 = self.layers(x, x, attention_mask, n_hashes)
         hidden = self.final_norm(torch.cat([y1, y2], dim=-1))
         if order is None:

@@ -59,9 +59,13 @@ class ReformerEncoder(ReformerTrunk):
         self.apply(self._init_weights)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, n_hashes: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        n_hashes: int | None = None,
+        position_offset: int = 0,
     ) -> torch.Tensor:
-        return self.hidden_states(input_ids, attention_mask, n_hashes)
+        return self.hidden_states(input_ids, attention_mask, n_hashes, position_offset)
 
 
 class ReformerForMaskedLM(ReformerTrunk):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attention import CrossAttention, LSHCrossAttention
 from ..data import IGNORE_INDEX
-from ..embeddings import AxialPositionEmbedding
+from ..embeddings import AxialPositionEmbedding, position_ids
 from ..files import atomic_write
 from ..reversible_decoder import DecoderBlock, ReversibleDecoder
 from .base import (
@@ -48,6 +48,14 @@ class ReformerEncoderDecoder(nn.Module):
     ``forward(source_ids (batch, L_enc), decoder_input_ids (batch, L_dec))`` -> logits
     ``(batch, L_dec, decoder vocab_size)``; :meth:`loss` takes the targets and shifts them itself;
     :meth:`generate` runs the encoder once and decodes.
+
+    ``source_offset`` / ``target_offset`` (default 0): the first position of the source / the decoder
+    input, like HF's ``position_ids`` as a start: token ``j`` takes the position embedding of ``offset + j``
+    (``offset + length`` at most the stack's ``max_seq_len``). A short example placed at the middle
+    positions (``offset = (max_seq_len - length) // 2`` on both sides) keeps the position pairs of a
+    full-length one: the reversal's mirror ``i -> max_seq_len - 1 - i`` is then the same at every length
+    (the training tasks' ``--curriculum-start``, docs/seq2seq.md). Only the embeddings move: attention
+    chunks and buckets are those of the given sequences.
     """
 
     head_kind = HEAD_KIND
@@ -106,10 +114,14 @@ class ReformerEncoderDecoder(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
 
     def encode(
-        self, source_ids: torch.Tensor, source_mask: torch.Tensor | None = None, n_hashes: int | None = None
+        self,
+        source_ids: torch.Tensor,
+        source_mask: torch.Tensor | None = None,
+        n_hashes: int | None = None,
+        position_offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The encoder output ``(batch, L_enc, 2 * encoder d_model)`` and the source mask as bool (None
-        when every token is real)."""
+        when every token is real); the source's real tokens take positions ``position_offset, ...``."""
         if isinstance(source_ids, torch.Tensor) and source_ids.dim() == 2:
             length, limit = source_ids.shape[1], self.config.encoder.max_seq_len
             if length == 0:
@@ -129,7 +141,7 @@ class ReformerEncoderDecoder(nn.Module):
                 )
             if bool(source_mask.all()):
                 source_mask = None
-        return self.encoder(source_ids, source_mask, n_hashes), source_mask
+        return self.encoder(source_ids, source_mask, n_hashes, position_offset), source_mask
 
     def decode(
         self,
@@ -138,13 +150,21 @@ class ReformerEncoderDecoder(nn.Module):
         decoder_input_ids: torch.Tensor,
         decoder_mask: torch.Tensor | None = None,
         n_hashes: int | None = None,
+        position_offset: int = 0,
     ) -> torch.Tensor:
         """Final decoder hidden states ``(batch, L_dec, 2 * d_model)``. ``decoder_mask`` marks real
-        decoder positions (padding at the end of a row); outputs at padding positions are unspecified."""
+        decoder positions (padding at the end of a row); outputs at padding positions are unspecified.
+        The decoder inputs take positions ``position_offset, position_offset + 1, ...``."""
         self._check_decoder_ids(decoder_input_ids)
         if decoder_mask is not None:
             decoder_mask = decoder_mask.to(decoder_input_ids.device) != 0
-        x = self.embeddings(decoder_input_ids.long())
+        positions = position_ids(
+            decoder_input_ids.shape[1],
+            position_offset,
+            self.config.decoder.max_seq_len,
+            decoder_input_ids.device,
+        )
+        x = self.embeddings(decoder_input_ids.long(), positions)
         ctx = dict(attention_mask=decoder_mask, memory_mask=memory_mask, n_hashes=n_hashes)
         a, b = self.decoder(x, x, memory, ctx)
         return self.final_norm(torch.cat([a, b], dim=-1))
@@ -171,9 +191,12 @@ class ReformerEncoderDecoder(nn.Module):
         source_mask: torch.Tensor | None = None,
         decoder_mask: torch.Tensor | None = None,
         n_hashes: int | None = None,
+        source_offset: int = 0,
+        target_offset: int = 0,
     ) -> torch.Tensor:
-        memory, memory_mask = self.encode(source_ids, source_mask, n_hashes)
-        return self.lm_head(self.decode(memory, memory_mask, decoder_input_ids, decoder_mask, n_hashes))
+        memory, memory_mask = self.encode(source_ids, source_mask, n_hashes, source_offset)
+        hidden = self.decode(memory, memory_mask, decoder_input_ids, decoder_mask, n_hashes, target_offset)
+        return self.lm_head(hidden)
 
     def loss(
         self,
@@ -183,16 +206,18 @@ class ReformerEncoderDecoder(nn.Module):
         target_mask: torch.Tensor | None = None,
         n_hashes: int | None = None,
         reduction: str = "mean",
+        source_offset: int = 0,
+        target_offset: int = 0,
     ) -> torch.Tensor:
         """Cross-entropy in nats of ``target_ids`` ``(batch, L_dec)`` given the source (teacher forcing:
         the decoder reads ``shift_right(targets)``); padding targets (``target_mask`` 0) and -100 labels
-        are ignored. ``reduction``: ``"mean"`` over counted tokens or ``"sum"``."""
+        are ignored. ``reduction``: ``"mean"`` over counted tokens or ``"sum"``. Offsets: see the class."""
         labels = target_ids.long()
         inputs = shift_right(labels.clamp(min=0), self.config.decoder_start_id)
         if target_mask is not None:
             labels = labels.masked_fill(target_mask.to(labels.device) == 0, IGNORE_INDEX)
-        memory, memory_mask = self.encode(source_ids, source_mask, n_hashes)
-        hidden = self.decode(memory, memory_mask, inputs, target_mask, n_hashes)
+        memory, memory_mask = self.encode(source_ids, source_mask, n_hashes, source_offset)
+        hidden = self.decode(memory, memory_mask, inputs, target_mask, n_hashes, target_offset)
         total = chunked_cross_entropy(self.lm_head, hidden, labels, IGNORE_INDEX, 4096)
         if reduction == "sum":
             return total

@@ -31,7 +31,10 @@ MODEL_FLAGS = (
     "dropout", "hash_seed", "reversible", "position_embedding",
 )  # fmt: skip
 # Flags of the encoder-decoder tasks (train/seq2seq.py), also model settings.
-MODEL_FLAGS += ("cross_attention", "cross_n_hashes", "cross_chunk_size", "cross_window")
+MODEL_FLAGS += (
+    "cross_attention", "cross_n_heads", "cross_n_hashes", "cross_chunk_size", "cross_window",
+    "cross_n_buckets",
+)  # fmt: skip
 # Settings a resumed run may change; everything else must match the saved run.
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "max_minutes", "progress")
 
@@ -63,6 +66,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="split each sequence over P processes of a torchrun job (P divides --nproc-per-node; the "
         "groups of P are data-parallel replicas); a run may resume with another P",
     )  # fmt: skip
+    g.add_argument(
+        "--curriculum-start", type=int, metavar="L0",
+        help="reverse / sort: train on examples of L0 tokens centred in the --seq-len positions, doubling "
+        "the length when the training loss falls below --curriculum-loss (docs/seq2seq.md)",
+    )  # fmt: skip
+    g.add_argument("--curriculum-loss", type=float, help="the curriculum's loss threshold (default 0.3 nats)")
     g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     g.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
@@ -104,8 +113,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="learned axial (default) or fixed sinusoidal positions (docs/seq2seq.md)",
     )  # fmt: skip
     m.add_argument("--cross-attention", choices=("full", "lsh"), help="encoder-decoder tasks: exact or LSH")
+    m.add_argument("--cross-n-heads", type=int, help="cross-attention heads (default: --n-heads)")
     m.add_argument("--cross-n-hashes", type=int, help="LSH cross-attention hash rounds")
     m.add_argument("--cross-chunk-size", type=int, help="LSH cross-attention query chunk length")
+    m.add_argument("--cross-n-buckets", type=int, help="LSH cross-attention buckets (default: 2 per chunk)")
     m.add_argument("--cross-window", type=int, help="LSH cross-attention keys per query chunk")
 
 

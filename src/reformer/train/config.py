@@ -114,6 +114,10 @@ class TrainConfig:
     truncate: bool = False
     labels: list[str] = field(default_factory=list)
     min_len: int | None = None
+    # reverse / sort (train/seq2seq.py): a length curriculum of short examples centred in the position range,
+    # from this length, doubling when the training loss falls below curriculum_loss.
+    curriculum_start: int | None = None
+    curriculum_loss: float = 0.3
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -137,6 +141,13 @@ class TrainConfig:
             raise ValueError("the cosine schedule needs its own horizon: pass --cosine-steps N")
         if self.task == "copy" and (self.seq_len % 2 or self.seq_len < 4):
             raise ValueError(f"the copy task needs an even --seq-len of at least 4, got {self.seq_len}")
+        if self.curriculum_start is not None:
+            if self.task not in ("reverse", "sort"):
+                raise ValueError(f"--curriculum-start is for --task reverse / sort, not --task {self.task}")
+            if not isinstance(self.curriculum_start, int) or not 1 <= self.curriculum_start <= self.seq_len:
+                raise ValueError(f"--curriculum-start {self.curriculum_start!r} must lie in [1, --seq-len]")
+            if not self.curriculum_loss > 0:
+                raise ValueError(f"--curriculum-loss {self.curriculum_loss} must be positive")
         if self.task == "listops" and self.min_len is not None and not 0 <= self.min_len < self.seq_len:
             raise ValueError(f"--min-len {self.min_len} must lie in [0, --seq-len {self.seq_len})")
 

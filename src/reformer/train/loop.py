@@ -172,6 +172,8 @@ def _train(
     if resume:
         state, rng = load_checkpoint(existing[-1], model, optimizer, dist.device)
         restore_rng(rng, batches)
+        if seq2seq:
+            batches.restore(state)
         if dist.is_main:
             MetricsLog(run, cfg.task, enabled=True).truncate_after(state["step"])
             print(f"resumed {run} at step {state['step']} from {existing[-1]}", file=sys.stderr)
@@ -188,7 +190,7 @@ def _train(
             file=sys.stderr,
         )
 
-    net = evaluated = TeacherForced(model) if seq2seq else model
+    net = evaluated = TeacherForced(model, centre=cfg.curriculum_start is not None) if seq2seq else model
     if encoder_data is not None:
         if sequence_parallel > 1:
             raise TrainingError(f"--sequence-parallel is for language models, not --task {cfg.task}")
@@ -248,6 +250,10 @@ def _train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
+            if seq2seq and batches.after_step(total):
+                state["curriculum_length"] = batches.length
+                if dist.is_main:
+                    print(f"curriculum: length {batches.length} from step {step + 1}", file=sys.stderr)
             state["tokens_seen"] += tokens_per_step
             elapsed = time.monotonic() - started
             tokens_per_s = (step - step_start) * tokens_per_step / max(elapsed, 1e-9)

@@ -8,6 +8,13 @@
 
 The training loop's batches are ``(sources, targets)``: sources ``(batch, L_enc)`` with -1 at padding,
 targets ``(batch, L_dec)`` with -100 at padding; :class:`TeacherForced` turns them into the model's loss.
+
+``--curriculum-start L0`` (reverse / sort): training examples of ``l = L0`` tokens, centred in the
+``--seq-len L`` positions (source and target both at positions ``(L - l) // 2 ..``, so the reversal's
+mirror ``i -> L - 1 - i`` is that of full-length examples when ``L - l`` is even), ``L / l`` times as many
+rows, so the tokens per step stay ``batch_size * L``; ``l`` doubles (up to ``L``) once the mean training
+loss of the last ``CURRICULUM_WINDOW`` steps at the current length is below ``--curriculum-loss``.
+Held-out evaluation is always at the full length.
 """
 
 from __future__ import annotations
@@ -29,8 +36,12 @@ BYTE_START, BYTE_EOS, BYTE_VOCAB = 256, 257, 258
 SOURCE_PAD = -1
 HELD_OUT_EVERY = 20
 # Model settings of the seq2seq presets that are not ReformerConfig fields.
-SEQ2SEQ_KEYS = ("cross_attention", "cross_chunk_size", "cross_window", "cross_n_hashes", "cross_n_buckets")
+SEQ2SEQ_KEYS = (
+    "cross_attention", "cross_n_heads", "cross_chunk_size", "cross_window", "cross_n_hashes",
+    "cross_n_buckets",
+)  # fmt: skip
 EVAL_SEED = 54321
+CURRICULUM_WINDOW = 10
 
 
 def model_config(cfg: TrainConfig) -> Seq2SeqConfig:
@@ -51,18 +62,34 @@ def model_config(cfg: TrainConfig) -> Seq2SeqConfig:
     return Seq2SeqConfig(encoder, decoder, share_embeddings=True, **cross, **extra)
 
 
+def centred_offset(length: int, max_len: int) -> int:
+    """The first position of a ``length``-token example centred in ``max_len`` positions."""
+    return (max_len - length) // 2
+
+
 class TeacherForced(nn.Module):
     """``forward(sources, targets=targets)`` -> the mean cross-entropy over real target tokens (the
-    interface of the training loop); sources with -1 at padding, targets with -100 at padding."""
+    interface of the training loop); sources with -1 at padding, targets with -100 at padding.
+    ``centre``: sources and targets shorter than the model's ``max_seq_len`` are placed at the middle
+    positions (:func:`centred_offset`), for the length curriculum."""
 
-    def __init__(self, model: ReformerEncoderDecoder) -> None:
+    def __init__(self, model: ReformerEncoderDecoder, centre: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.centre = model, centre
 
     def forward(self, sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         source_mask = None if bool((sources >= 0).all()) else sources >= 0
         target_mask = None if bool((targets != IGNORE_INDEX).all()) else targets != IGNORE_INDEX
-        return self.model.loss(sources.clamp(min=0), targets.clamp(min=0), source_mask, target_mask)
+        offsets = {}
+        if self.centre:
+            c = self.model.config
+            offsets = dict(
+                source_offset=centred_offset(sources.shape[1], c.encoder.max_seq_len),
+                target_offset=centred_offset(targets.shape[1], c.decoder.max_seq_len),
+            )
+        return self.model.loss(
+            sources.clamp(min=0), targets.clamp(min=0), source_mask, target_mask, **offsets
+        )
 
 
 def synthetic_batch(task: str, size: int, length: int, vocab: int, generator: torch.Generator):
@@ -124,10 +151,15 @@ class Seq2SeqBatches:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.vocab = cfg.model.get("vocab_size", SYNTHETIC_VOCAB)
         self.pairs = read_pairs(cfg.data, cfg.seq_len) if cfg.task == "pairs" else None
+        self.length = cfg.curriculum_start or cfg.seq_len  # the training examples' length
+        self.recent: list[float] = []  # training losses at the current length
 
     def describe(self) -> str:
         if self.pairs is None:
-            return f"{self.cfg.task} task, length {self.cfg.seq_len}, symbols 1..{self.vocab - 1}"
+            curriculum = ""
+            if self.cfg.curriculum_start is not None:
+                curriculum = f" (curriculum from {self.cfg.curriculum_start}, centred)"
+            return f"{self.cfg.task} task, length {self.cfg.seq_len}{curriculum}, symbols 1..{self.vocab - 1}"
         return f"{len(self.pairs[0])} training / {len(self.pairs[1])} held-out pairs from {self.cfg.data}"
 
     def draw(self, size: int, generator: torch.Generator, split: str = "train"):
@@ -138,9 +170,31 @@ class Seq2SeqBatches:
         return pad_pairs([pool[i] for i in picks])
 
     def next(self, size: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sources, targets = self.draw(size, self.generator)
+        if self.length < self.cfg.seq_len:  # the curriculum: as many tokens as size full-length rows
+            size = size * self.cfg.seq_len // self.length
+            sources, targets = synthetic_batch(self.cfg.task, size, self.length, self.vocab, self.generator)
+        else:
+            sources, targets = self.draw(size, self.generator)
         share = size // world_size
         return sources[rank * share : (rank + 1) * share], targets[rank * share : (rank + 1) * share]
+
+    def after_step(self, loss: float) -> bool:
+        """Record a step's training loss (the same on every process); True when the curriculum's length
+        grew. A resumed run continues at its trainer state's ``curriculum_length`` (:meth:`restore`)."""
+        if self.length >= self.cfg.seq_len:
+            return False
+        self.recent = [*self.recent[-(CURRICULUM_WINDOW - 1) :], loss]
+        if (
+            len(self.recent) < CURRICULUM_WINDOW
+            or sum(self.recent) / CURRICULUM_WINDOW >= self.cfg.curriculum_loss
+        ):
+            return False
+        self.length, self.recent = min(2 * self.length, self.cfg.seq_len), []
+        return True
+
+    def restore(self, state: dict) -> None:
+        """Continue the curriculum at the length a checkpoint's trainer state recorded."""
+        self.length = int(state.get("curriculum_length", self.length))
 
     def held_out(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The same batches at every evaluation: synthetic ones from a fixed seed, or the held-out pairs."""
