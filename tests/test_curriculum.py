@@ -80,19 +80,21 @@ def test_bad_curriculum_settings_are_named():
 
 def test_a_resumed_run_continues_at_its_curriculum_length(tmp_path):
     """A loss threshold above any loss grows the length every CURRICULUM_WINDOW steps: 8 -> 16 at step 10,
-    -> 32 at step 20. A run stopped at step 10 and resumed ends with the uninterrupted run's weights."""
-    always = dict(curriculum_loss=100.0, steps=2 * CURRICULUM_WINDOW)
+    -> 32 at step 20. Runs stopped at step 10 (a doubling) and at step 15 (half-way through a window of
+    losses) and resumed end with the uninterrupted run's weights."""
+    always = dict(curriculum_loss=100.0, steps=2 * CURRICULUM_WINDOW + 2)
     train(_cfg(**always), tmp_path / "a")
     state = json.loads(
-        next((tmp_path / "a" / "checkpoints").iterdir()).joinpath("trainer_state.json").read_text()
+        sorted((tmp_path / "a" / "checkpoints").iterdir())[-1].joinpath("trainer_state.json").read_text()
     )
     assert state["curriculum_length"] == 32
-    train(_cfg(**{**always, "steps": CURRICULUM_WINDOW}), tmp_path / "b")
-    train(_cfg(**always), tmp_path / "b", resume=True)
     a = ReformerEncoderDecoder.from_pretrained(tmp_path / "a").state_dict()
-    b = ReformerEncoderDecoder.from_pretrained(tmp_path / "b").state_dict()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    for run, stop in (("b", CURRICULUM_WINDOW), ("c", CURRICULUM_WINDOW + CURRICULUM_WINDOW // 2)):
+        train(_cfg(**{**always, "steps": stop, "save_every": stop}), tmp_path / run)
+        train(_cfg(**always), tmp_path / run, resume=True)
+        b = ReformerEncoderDecoder.from_pretrained(tmp_path / run).state_dict()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=f"{run}: {name}")
 
 
 @pytest.mark.slow

@@ -250,10 +250,10 @@ def _train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
-            if seq2seq and batches.after_step(total):
-                state["curriculum_length"] = batches.length
-                if dist.is_main:
-                    print(f"curriculum: length {batches.length} from step {step + 1}", file=sys.stderr)
+            if seq2seq and batches.after_step(total) and dist.is_main:
+                print(f"curriculum: length {batches.length} from step {step + 1}", file=sys.stderr)
+            if seq2seq and cfg.curriculum_start is not None:
+                state.update(batches.curriculum_state())
             state["tokens_seen"] += tokens_per_step
             elapsed = time.monotonic() - started
             tokens_per_s = (step - step_start) * tokens_per_step / max(elapsed, 1e-9)

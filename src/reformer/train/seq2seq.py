@@ -180,7 +180,8 @@ class Seq2SeqBatches:
 
     def after_step(self, loss: float) -> bool:
         """Record a step's training loss (the same on every process); True when the curriculum's length
-        grew. A resumed run continues at its trainer state's ``curriculum_length`` (:meth:`restore`)."""
+        grew. The trainer state keeps :meth:`curriculum_state` so that a resumed run continues where the
+        uninterrupted one would (:meth:`restore`)."""
         if self.length >= self.cfg.seq_len:
             return False
         self.recent = [*self.recent[-(CURRICULUM_WINDOW - 1) :], loss]
@@ -192,9 +193,14 @@ class Seq2SeqBatches:
         self.length, self.recent = min(2 * self.length, self.cfg.seq_len), []
         return True
 
+    def curriculum_state(self) -> dict:
+        """The curriculum's length and the training losses recorded at it, for the trainer state."""
+        return {"curriculum_length": self.length, "curriculum_recent": list(self.recent)}
+
     def restore(self, state: dict) -> None:
-        """Continue the curriculum at the length a checkpoint's trainer state recorded."""
+        """Continue the curriculum at the length and with the recent losses a trainer state recorded."""
         self.length = int(state.get("curriculum_length", self.length))
+        self.recent = [float(x) for x in state.get("curriculum_recent", [])]
 
     def held_out(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The same batches at every evaluation: synthetic ones from a fixed seed, or the held-out pairs."""
