@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import ReformerConfig, dataclass_from_dict, default_axial_shape
+from ..models.heads import POOLINGS
 
 TRAIN_CONFIG_FILE = "train_config.json"
 TASKS = ("lm", "copy", "mlm", "classify", "listops", "reverse", "sort", "pairs")
@@ -108,12 +109,15 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     # Encoder tasks (train/encoder_tasks.py): the held-out set and pretrained encoder of `classify`,
-    # cutting over-long texts, the classes (recorded at the start), ListOps' shortest length.
+    # cutting over-long texts, the classes (recorded at the start), ListOps' shortest length (training;
+    # held out: eval_min_len, default min_len) and what the classification head reads (models/heads.py).
     valid: list[str] = field(default_factory=list)
     init: str | None = None
     truncate: bool = False
     labels: list[str] = field(default_factory=list)
     min_len: int | None = None
+    eval_min_len: int | None = None
+    pooling: str = "first"
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -137,8 +141,20 @@ class TrainConfig:
             raise ValueError("the cosine schedule needs its own horizon: pass --cosine-steps N")
         if self.task == "copy" and (self.seq_len % 2 or self.seq_len < 4):
             raise ValueError(f"the copy task needs an even --seq-len of at least 4, got {self.seq_len}")
-        if self.task == "listops" and self.min_len is not None and not 0 <= self.min_len < self.seq_len:
-            raise ValueError(f"--min-len {self.min_len} must lie in [0, --seq-len {self.seq_len})")
+        for name in ("min_len", "eval_min_len"):
+            value = getattr(self, name)
+            if self.task == "listops" and value is not None and not 0 <= value < self.seq_len:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value} must lie in [0, --seq-len {self.seq_len})"
+                )
+        if self.eval_min_len is not None and self.task != "listops":
+            raise ValueError("--eval-min-len sets the held-out ListOps lengths; use it with --task listops")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is unknown; use one of {POOLINGS}")
+        if self.pooling != "first" and self.task not in ("classify", "listops"):
+            raise ValueError(
+                "--pooling is a classification head's setting; use it with --task classify or listops"
+            )
 
     def model_config(self) -> ReformerConfig:
         if self.task in SEQ2SEQ_TASKS:
