@@ -227,6 +227,49 @@ def test_listops_task_trains_and_predicts(tmp_path, capsys):
     assert "--text 1: '[AVG' is not a ListOps symbol" in capsys.readouterr().err
 
 
+def test_listops_held_out_lengths_and_mean_pooling(tmp_path, capsys, monkeypatch):
+    """--eval-min-len: training expressions longer than --min-len, the run's held-out ones and reformer
+    eval's test set longer than --eval-min-len (reformer eval --min-len overrides); --pooling mean is
+    recorded in the run's head.json and a resumed run keeps it."""
+    from reformer import listops
+    from reformer.train.encoder_tasks import EncoderData
+
+    cfg = TrainConfig(model={}, task="listops", seq_len=96, min_len=10, eval_min_len=60, batch_size=64)
+    data = EncoderData(cfg)
+    g = torch.Generator().manual_seed(0)
+    train_lengths = (data.draw(64, g)[0] != listops.PAD).sum(1)
+    held_out = torch.cat([(inputs != listops.PAD).sum(1) for inputs, _ in data.held_out(g)])
+    assert train_lengths.min() > 10 and train_lengths.max() < 97 and train_lengths.min() <= 60
+    assert held_out.min() > 60 and held_out.max() < 97
+
+    run = tmp_path / "lo"
+    argv = ["train", "--task", "listops", "--seq-len", "96", "--min-len", "10", "--eval-min-len", "60",
+            "--pooling", "mean", *SMALL, "--steps", "2", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((run / "head.json").read_text())["pooling"] == "mean"
+    assert ReformerForSequenceClassification.from_pretrained(run).pooling == "mean"
+    asked = []
+    real_set = listops.listops_set
+    monkeypatch.setattr(
+        listops, "listops_set", lambda n, lo, hi, seed: asked.append(lo) or real_set(n, lo, hi, seed)
+    )
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n-examples", "8"]) == 0
+    assert main(["eval", str(run), "--n-examples", "8", "--min-len", "30"]) == 0
+    assert asked == [60, 30] and capsys.readouterr().out.count("accuracy=") == 2
+    assert main(["eval", str(run), "--n-examples", "8", "--min-len", "96"]) == 1
+    assert "--min-len 96 must lie in [0, the run's --seq-len 96)" in capsys.readouterr().err
+    assert main([*argv[:-2], "--steps", "3", "--out", str(run), "--resume"]) == 0
+    assert ReformerForSequenceClassification.from_pretrained(run).pooling == "mean"
+    with pytest.raises(SystemExit):
+        main([*argv[:-2], "--pooling", "first", "--steps", "4", "--out", str(run), "--resume"])
+    assert "--pooling first differs from the resumed run's 'mean'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--eval-min-len sets the held-out ListOps lengths"):
+        TrainConfig(model={}, task="lm", eval_min_len=5).validate()
+    with pytest.raises(ValueError, match="--eval-min-len 96 must lie"):
+        TrainConfig(model={}, task="listops", seq_len=96, eval_min_len=96).validate()
+
+
 def test_classify_needs_a_valid_set(tmp_path):
     path = vowel_task(tmp_path, 8, "train.jsonl")
     cfg = TrainConfig(model=dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, attn_layers=("full",)),

@@ -27,6 +27,7 @@ HEADS = {
     "masked_lm": (ReformerForMaskedLM, {}),
     "sequence_classification": (ReformerForSequenceClassification, {"n_labels": 3}),
     "regression": (ReformerForSequenceClassification, {"n_labels": 1}),
+    "mean_pooling": (ReformerForSequenceClassification, {"n_labels": 3, "pooling": "mean"}),
     "token_classification": (ReformerForTokenClassification, {"n_labels": 5}),
     "question_answering": (ReformerForQuestionAnswering, {}),
 }
@@ -163,6 +164,29 @@ def test_save_and_load_round_trip(tmp_path, name):
     ids = torch.randint(0, 50, (2, 40))
     for a, b in zip(outputs(model, ids), outputs(loaded, ids), strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_mean_pooling_reads_the_mean_of_each_rows_real_states(tmp_path):
+    """The oracle: each row alone through the trunk, the mean of its final states written out as a sum
+    over positions divided by the row's length, then the head's layers."""
+    model = make("mean_pooling").eval()
+    rows, ids, mask = _batch("right")
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        for i, row in enumerate(rows):
+            states = model.hidden_states(row[None])[0]
+            mean = sum(states[t] for t in range(len(row))) / len(row)
+            head = model.classifier
+            expected = head.out_proj(torch.tanh(head.dense(mean)))
+            torch.testing.assert_close(batched[i], expected, atol=1e-5, rtol=0)
+        first = make("sequence_classification").eval()
+        first.load_state_dict(model.state_dict())
+        assert not torch.allclose(first(ids, attention_mask=mask), batched, atol=1e-3)
+    # Only a non-default pooling is written to head.json: classifiers saved before the option load whole.
+    make("sequence_classification").save_pretrained(tmp_path / "first")
+    assert "pooling" not in json.loads((tmp_path / "first" / "head.json").read_text())
+    with pytest.raises(ValueError, match="pooling='max' is unknown"):
+        ReformerForSequenceClassification(small_config(), pooling="max")
 
 
 def _trunk(model):

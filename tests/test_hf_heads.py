@@ -145,6 +145,8 @@ def test_conversion_refusals_are_clear():
     cfg = reformer.ReformerConfig(
         vocab_size=30, d_model=32, n_heads=2, n_layers=1, max_seq_len=64, causal=False
     )
+    with pytest.raises(ValueError, match="pooling='mean', which it cannot express"):
+        reformer.ReformerForSequenceClassification(cfg, pooling="mean").to_hf()
     for cls in (reformer.ReformerForTokenClassification, reformer.ReformerEncoder):
         with pytest.raises(ValueError, match="HF"):
             cls(cfg).to_hf()

@@ -247,6 +247,11 @@ def head_settings_from_hf(hf_config: Any, head_kind: str) -> dict[str, Any]:
 def head_settings_to_hf(model: Any) -> dict[str, Any]:
     """The HF config entries of ``model``'s head settings."""
     if model.head_kind == "sequence_classification":
+        if model.pooling != "first":
+            raise ValueError(
+                f"HF's ReformerForSequenceClassification reads the first token; this model has "
+                f"pooling={model.pooling!r}, which it cannot express: train with pooling='first' to convert"
+            )
         return dict(
             num_labels=model.n_labels, problem_type=model.problem_type,
             classifier_dropout=model.classifier_dropout,

@@ -20,6 +20,7 @@ from ..config import ReformerConfig
 from .base import ReformerTrunk, chunked_cross_entropy, loss_dtype
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+POOLINGS = ("first", "mean")  # what sequence classification reads: HF's first token, or the mean
 IGNORE_INDEX = -100
 
 
@@ -126,6 +127,9 @@ class ReformerForSequenceClassification(ReformerTrunk):
     """Sequence classification or regression from each row's first real token: logits
     ``(batch, n_labels)``.
 
+    ``pooling="mean"`` reads the mean of the final states over each row's real tokens instead (not in HF
+    transformers: ``to_hf`` refuses it; the default ``"first"`` is HF's head).
+
     ``problem_type`` (default: ``"regression"`` for ``n_labels=1``, else ``"single_label_classification"``)
     picks the loss of :meth:`forward` with ``labels``: cross-entropy of int64 labels ``(batch,)``, mean
     squared error of float labels ``(batch,)`` / ``(batch, n_labels)``, or binary cross-entropy of
@@ -142,10 +146,13 @@ class ReformerForSequenceClassification(ReformerTrunk):
         n_labels: int = 2,
         problem_type: str | None = None,
         classifier_dropout: float | None = None,
+        pooling: str = "first",
     ) -> None:
         super().__init__(config)
         _check_n_labels(n_labels)
         _check_classifier_dropout(classifier_dropout)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is unknown; use one of {POOLINGS}")
         if problem_type is None:
             problem_type = "regression" if n_labels == 1 else "single_label_classification"
         if problem_type not in PROBLEM_TYPES:
@@ -153,16 +160,19 @@ class ReformerForSequenceClassification(ReformerTrunk):
         if problem_type != "regression" and n_labels < 2:
             raise ValueError(f"{problem_type} needs n_labels >= 2; n_labels=1 is regression")
         self.n_labels, self.problem_type, self.classifier_dropout = n_labels, problem_type, classifier_dropout
+        self.pooling = pooling
         dropout = config.dropout if classifier_dropout is None else classifier_dropout
         self.classifier = ReformerClassificationHead(config.d_model, n_labels, dropout)
         self.apply(self._init_weights)
 
     def head_settings(self) -> dict[str, Any]:
-        return {
+        settings = {
             "n_labels": self.n_labels,
             "problem_type": self.problem_type,
             "classifier_dropout": self.classifier_dropout,
         }
+        # Only a non-default pooling is recorded, so heads saved before the option (and HF's) load whole.
+        return settings if self.pooling == "first" else {**settings, "pooling": self.pooling}
 
     def forward(
         self,
@@ -173,14 +183,13 @@ class ReformerForSequenceClassification(ReformerTrunk):
     ) -> torch.Tensor:
         """Logits ``(batch, n_labels)``, or with ``labels`` the loss (float32 scalar)."""
         hidden = self.hidden_states(input_ids, attention_mask, n_hashes)
-        first = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        real = None
         if attention_mask is not None:
             real = attention_mask.to(hidden.device) != 0
             if real.device.type == "cpu" and not torch.compiler.is_compiling() and not real.any(1).all():
                 empty = (~real.any(1)).nonzero()[0].item()
                 raise ValueError(f"row {empty} of attention_mask has no real token; a row needs at least one")
-            first = real.to(torch.uint8).argmax(1)  # the first real position of each row
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+        pooled = _pool(hidden, real, self.pooling)
         logits = self.classifier(pooled)
         return logits if labels is None else self._loss(logits, labels.to(logits.device))
 
@@ -207,6 +216,21 @@ class ReformerForSequenceClassification(ReformerTrunk):
         return F.binary_cross_entropy_with_logits(
             logits.to(loss_dtype(logits.dtype)), labels.to(loss_dtype(logits.dtype))
         )
+
+
+def _pool(hidden: torch.Tensor, real: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """``(batch, 2 * d_model)`` from the final states ``hidden`` ``(batch, length, 2 * d_model)`` and the
+    real-token mask ``real`` ``(batch, length)`` bool (None: no padding): each row's first real state, or
+    the mean of its real states."""
+    if pooling == "mean":
+        if real is None:
+            return hidden.mean(1)
+        weights = real.to(hidden.dtype)[..., None]
+        return (hidden * weights).sum(1) / weights.sum(1)
+    first = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    if real is not None:
+        first = real.to(torch.uint8).argmax(1)  # the first real position of each row
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
 
 
 class ReformerForTokenClassification(ReformerTrunk):

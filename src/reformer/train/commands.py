@@ -269,6 +269,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     p.add_argument("--truncate", action="store_true", help="classify: cut texts over max_seq_len")
     p.add_argument("--n-examples", type=int, default=2000, help="listops: generated test expressions")
+    p.add_argument("--min-len", type=int, help="listops: test expressions are longer than this (default: "
+                   "the run's --eval-min-len, else its --min-len)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="sequences per forward pass")
     p.add_argument("--device", help="cpu or cuda")
 

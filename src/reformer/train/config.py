@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import ReformerConfig, dataclass_from_dict, default_axial_shape
+from ..models.heads import POOLINGS
 
 TRAIN_CONFIG_FILE = "train_config.json"
 TASKS = ("lm", "copy", "mlm", "classify", "listops", "reverse", "sort", "pairs")
@@ -108,7 +109,8 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     # Encoder tasks (train/encoder_tasks.py): the held-out set and pretrained encoder of `classify`,
-    # cutting over-long texts, the classes (recorded at the start), ListOps' shortest length.
+    # cutting over-long texts, the classes (recorded at the start), ListOps' shortest length (training;
+    # held out: eval_min_len, default min_len) and what the classification head reads (models/heads.py).
     valid: list[str] = field(default_factory=list)
     init: str | None = None
     truncate: bool = False
@@ -118,6 +120,8 @@ class TrainConfig:
     # from this length, doubling when the training loss falls below curriculum_loss.
     curriculum_start: int | None = None
     curriculum_loss: float = 0.3
+    eval_min_len: int | None = None
+    pooling: str = "first"
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -148,8 +152,20 @@ class TrainConfig:
                 raise ValueError(f"--curriculum-start {self.curriculum_start!r} must lie in [1, --seq-len]")
             if not self.curriculum_loss > 0:
                 raise ValueError(f"--curriculum-loss {self.curriculum_loss} must be positive")
-        if self.task == "listops" and self.min_len is not None and not 0 <= self.min_len < self.seq_len:
-            raise ValueError(f"--min-len {self.min_len} must lie in [0, --seq-len {self.seq_len})")
+        for name in ("min_len", "eval_min_len"):
+            value = getattr(self, name)
+            if self.task == "listops" and value is not None and not 0 <= value < self.seq_len:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value} must lie in [0, --seq-len {self.seq_len})"
+                )
+        if self.eval_min_len is not None and self.task != "listops":
+            raise ValueError("--eval-min-len sets the held-out ListOps lengths; use it with --task listops")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is unknown; use one of {POOLINGS}")
+        if self.pooling != "first" and self.task not in ("classify", "listops"):
+            raise ValueError(
+                "--pooling is a classification head's setting; use it with --task classify or listops"
+            )
 
     def model_config(self) -> ReformerConfig:
         if self.task in SEQ2SEQ_TASKS:

@@ -15,8 +15,9 @@ from ..config import ReformerConfig, read_json_object
 from ..data import contiguous_windows, load_corpus
 from ..labelled import DataError, load_labelled
 from ..models import ReformerForMaskedLM, ReformerForSequenceClassification
+from ..models.heads import POOLINGS
 from .config import TRAIN_CONFIG_FILE, TrainConfig, TrainingError
-from .encoder_tasks import evaluate_encoder, labelled_batch, split_padding
+from .encoder_tasks import evaluate_encoder, labelled_batch, listops_eval_min_len, split_padding
 from .evaluation import _use_full_attention
 from .masking import mask_tokens
 
@@ -34,6 +35,10 @@ def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--truncate", action="store_true", default=None,
                    help="cut texts over --seq-len bytes instead of stopping with an error")  # fmt: skip
     g.add_argument("--min-len", type=int, help="listops: shortest expression (default --seq-len / 4)")
+    g.add_argument("--eval-min-len", type=int, help="listops: shortest held-out expression, for the run's "
+                   "evaluations and reformer eval's test set (default --min-len)")  # fmt: skip
+    g.add_argument("--pooling", choices=POOLINGS, help="classify, listops: the head reads the first token "
+                   "(default, HF's head) or the mean over the tokens (mean)")  # fmt: skip
 
 
 def encoder_settings(args: argparse.Namespace, cfg: TrainConfig) -> None:
@@ -87,7 +92,9 @@ def run_encoder_eval(args: argparse.Namespace) -> int:
             windows = contiguous_windows(corpus.test, cfg.seq_len, size, args.max_tokens)
             batches = (mask_tokens(inputs, generator) for inputs, _ in windows)
         elif cfg.task == "listops":
-            lo = cfg.min_len if cfg.min_len is not None else cfg.seq_len // 4
+            lo = listops_eval_min_len(cfg) if args.min_len is None else args.min_len
+            if not 0 <= lo < cfg.seq_len:
+                raise ValueError(f"--min-len {lo} must lie in [0, the run's --seq-len {cfg.seq_len})")
             rows, labels = listops.listops_set(args.n_examples, lo, cfg.seq_len + 1, TEST_SEED)
             batches = (
                 (listops.pad_rows(rows[i : i + size]), torch.tensor(labels[i : i + size]))

@@ -48,8 +48,10 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         return ReformerForMaskedLM(cfg.model_config())
     n_labels = listops.N_CLASSES if cfg.task == "listops" else len(cfg.labels)
     if cfg.init:
-        return ReformerForSequenceClassification.from_pretrained(cfg.init, n_labels=n_labels)
-    return ReformerForSequenceClassification(cfg.model_config(), n_labels=n_labels)
+        return ReformerForSequenceClassification.from_pretrained(
+            cfg.init, n_labels=n_labels, pooling=cfg.pooling
+        )
+    return ReformerForSequenceClassification(cfg.model_config(), n_labels=n_labels, pooling=cfg.pooling)
 
 
 class TaskObjective(nn.Module):
@@ -105,7 +107,8 @@ class EncoderData:
             return f"masked LM on {self.corpus.describe()}"
         if self.cfg.task == "listops":
             return (
-                f"ListOps, lengths {listops_min_len(self.cfg) + 1}-{self.cfg.seq_len}, generated on the fly"
+                f"ListOps, lengths {listops_min_len(self.cfg) + 1}-{self.cfg.seq_len} (held out: "
+                f"{listops_eval_min_len(self.cfg) + 1}-{self.cfg.seq_len}), generated on the fly"
             )
         return (
             f"{len(self.train_set)} training and {len(self.valid_set)} held-out examples, "
@@ -119,7 +122,8 @@ class EncoderData:
             ids, _ = random_windows(getattr(self.corpus, split), self.cfg.seq_len, size, generator)
             return mask_tokens(ids, generator)
         if self.cfg.task == "listops":
-            return listops.listops_batch(size, listops_min_len(self.cfg), self.cfg.seq_len + 1, generator)
+            lo = listops_min_len(self.cfg) if split == "train" else listops_eval_min_len(self.cfg)
+            return listops.listops_batch(size, lo, self.cfg.seq_len + 1, generator)
         data = self.train_set if split == "train" else self.valid_set
         picks = torch.randint(0, len(data), (size,), generator=generator).tolist()
         return labelled_batch(data, picks)
@@ -135,7 +139,13 @@ class EncoderData:
 
 
 def listops_min_len(cfg: TrainConfig) -> int:
+    """ListOps training expressions are longer than this."""
     return cfg.min_len if cfg.min_len is not None else cfg.seq_len // 4
+
+
+def listops_eval_min_len(cfg: TrainConfig) -> int:
+    """Held-out ListOps expressions (the run's evaluations, ``reformer eval``) are longer than this."""
+    return cfg.eval_min_len if cfg.eval_min_len is not None else listops_min_len(cfg)
 
 
 def labelled_batch(data: LabelledSet, picks) -> tuple[torch.Tensor, torch.Tensor]:
