@@ -162,19 +162,17 @@ class Seq2SeqBatches:
             return f"{self.cfg.task} task, length {self.cfg.seq_len}{curriculum}, symbols 1..{self.vocab - 1}"
         return f"{len(self.pairs[0])} training / {len(self.pairs[1])} held-out pairs from {self.cfg.data}"
 
-    def draw(self, size: int, generator: torch.Generator, split: str = "train"):
+    def draw(self, size: int, generator: torch.Generator, split: str = "train", length: int | None = None):
+        """``size`` synthetic pairs of ``length`` tokens (default ``--seq-len``), or ``split``'s pairs."""
         if self.pairs is None:
-            return synthetic_batch(self.cfg.task, size, self.cfg.seq_len, self.vocab, generator)
+            return synthetic_batch(self.cfg.task, size, length or self.cfg.seq_len, self.vocab, generator)
         pool = self.pairs[0 if split == "train" else 1]
         picks = torch.randint(0, len(pool), (size,), generator=generator).tolist()
         return pad_pairs([pool[i] for i in picks])
 
     def next(self, size: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.length < self.cfg.seq_len:  # the curriculum: as many tokens as size full-length rows
-            size = size * self.cfg.seq_len // self.length
-            sources, targets = synthetic_batch(self.cfg.task, size, self.length, self.vocab, self.generator)
-        else:
-            sources, targets = self.draw(size, self.generator)
+        size = size * self.cfg.seq_len // self.length  # the curriculum's rows: as many tokens as full ones
+        sources, targets = self.draw(size, self.generator, length=self.length)
         share = size // world_size
         return sources[rank * share : (rank + 1) * share], targets[rank * share : (rank + 1) * share]
 
