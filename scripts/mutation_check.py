@@ -49,6 +49,8 @@ FAST_TESTS = [
     "tests/test_model.py::test_padding_does_not_change_real_token_outputs",
     "tests/test_model.py::test_axial_position_embedding_is_the_row_major_broadcast_concatenation",
     "tests/test_hf.py",
+    "tests/test_model.py::test_chunked_loss_gradients_equal_those_of_the_plain_loss",
+    "tests/test_cold_start.py",
 ]
 
 
@@ -182,6 +184,22 @@ MUTATIONS = [
         "ff-chunk-grad-accumulation", "feedforward.py",
         "acc.add_(g)", "acc.copy_(g)",
         "feed-forward parameter gradients keep only the last chunk's",
+    ),
+    Mutation(
+        "vjp-sum", "vjp.py",
+        "total = (output * grad).sum()", "total = (output * grad).mean()",
+        "the recomputing backward passes scale every gradient by 1/numel",
+    ),
+    Mutation(
+        "chunk-loss-hidden-grad", "models/loss.py",
+        "grad_hidden = grads[0] if ctx.needs_input_grad[0] else None", "grad_hidden = None",
+        "the chunked loss passes no gradient to the trunk",
+    ),
+    Mutation(
+        "eager-rotations-through-op", "hashing.py",
+        "    return _column_seeded_randn(seed, shape, width)\n\n\ndef",
+        "    return _column_seeded_randn_op(seed, shape, width)\n\n\ndef",
+        "eager calls go through the custom op, whose first call imports torch._dynamo (cold start)",
     ),
 ]  # fmt: skip
 

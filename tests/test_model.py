@@ -141,6 +141,31 @@ def test_loss_is_mean_cross_entropy_of_logits():
     assert torch.allclose(model.loss(ids, targets, chunk_size=16), expected, atol=1e-5)
 
 
+def test_chunked_loss_gradients_equal_those_of_the_plain_loss():
+    """The chunked loss recomputes each chunk's logits in the backward pass: every parameter's gradient
+    equals that of cross-entropy over the whole logits (a float64 model; the LM's loss is float32)."""
+    torch.manual_seed(0)
+    model = ReformerLM(small_config()).double().eval()
+    ids = torch.randint(0, 50, (2, 70))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    grads = []
+    for chunked in (True, False):
+        model.zero_grad()
+        if chunked:
+            loss = model.loss(ids, targets, chunk_size=16)
+        else:
+            loss = torch.nn.functional.cross_entropy(
+                model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
+        loss.backward()
+        grads.append(
+            {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+        )
+    for name, expected in grads[1].items():
+        assert torch.allclose(grads[0][name], expected, rtol=1e-6, atol=1e-8), name
+
+
 def test_model_learns_a_repetitive_sequence():
     torch.manual_seed(0)
     model = ReformerLM(small_config(n_layers=2, attn_layers=("lsh", "lsh")))

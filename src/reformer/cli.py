@@ -122,7 +122,9 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``command`` (a name in ``COMMANDS``) of that one only: each
+    command imports its own modules, which a one-shot ``reformer generate`` need not pay for."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -132,13 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reformer {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
     for add in COMMANDS:
-        add(subparsers)
+        if command is None or add.__name__ == f"add_{command}":
+            add(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns its exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = {add.__name__.removeprefix("add_") for add in COMMANDS}
+    parser = build_parser(argv[0] if argv and argv[0] in names else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vjp import vjp
+
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -70,7 +72,7 @@ class FeedForward(nn.Module):
             part = part.detach().requires_grad_(True)
             with torch.enable_grad():
                 out = self._forward_dense(part)
-            grad_part_x, *grad_params = torch.autograd.grad(out, [part, *params], grad_part)
+            grad_part_x, *grad_params = vjp(out, [part, *params], grad_part)
             for acc, g in zip(param_grads, grad_params, strict=True):
                 acc.add_(g)
             outputs.append(out.detach())

@@ -124,18 +124,29 @@ def _drawn_heads(n_heads: int) -> tuple[int, int]:
     return total, first
 
 
-# A custom op rather than plain code: torch.compile cannot trace a private torch.Generator (it would break
-# the graph there), but it records an opaque op call, so compiled models draw the same rotations as eager.
-@torch.library.custom_op("reformer::seeded_randn", mutates_args=())
 def seeded_randn(seed: int, shape: list[int]) -> torch.Tensor:
     """Standard normal float32 CPU tensor of ``shape`` from a private generator seeded with ``seed``:
     the numbers ``torch.manual_seed(seed); torch.randn(shape)`` gives, without touching the default
     generator."""
+    if torch.compiler.is_compiling():
+        return _seeded_randn_op(seed, shape)
+    return _seeded_randn(seed, shape)
+
+
+def _seeded_randn(seed: int, shape: list[int]) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-@seeded_randn.register_fake
+# Custom ops rather than plain code under torch.compile: it cannot trace a private torch.Generator (it
+# would break the graph there), but it records an opaque op call, so compiled models draw the same
+# rotations as eager. Eager calls bypass the op: its first call imports torch._dynamo (over a second).
+@torch.library.custom_op("reformer::seeded_randn", mutates_args=())
+def _seeded_randn_op(seed: int, shape: list[int]) -> torch.Tensor:
+    return _seeded_randn(seed, shape)
+
+
+@_seeded_randn_op.register_fake
 def _seeded_randn_fake(seed: int, shape: list[int]) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32)
 
@@ -166,10 +177,15 @@ def column_seed(seed: int, column: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-@torch.library.custom_op("reformer::column_seeded_randn", mutates_args=())
 def column_seeded_randn(seed: int, shape: list[int], width: int) -> torch.Tensor:
     """Standard normal float32 CPU tensor ``(*shape, width)``; column ``j`` is ``torch.randn(shape)``
     from a private generator seeded with ``column_seed(seed, j)``."""
+    if torch.compiler.is_compiling():
+        return _column_seeded_randn_op(seed, shape, width)
+    return _column_seeded_randn(seed, shape, width)
+
+
+def _column_seeded_randn(seed: int, shape: list[int], width: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu")
     out = torch.empty([width, *shape], dtype=torch.float32)
     for j in range(width):
@@ -177,7 +193,12 @@ def column_seeded_randn(seed: int, shape: list[int], width: int) -> torch.Tensor
     return out.movedim(0, -1).contiguous()
 
 
-@column_seeded_randn.register_fake
+@torch.library.custom_op("reformer::column_seeded_randn", mutates_args=())
+def _column_seeded_randn_op(seed: int, shape: list[int], width: int) -> torch.Tensor:
+    return _column_seeded_randn(seed, shape, width)
+
+
+@_column_seeded_randn_op.register_fake
 def _column_seeded_randn_fake(seed: int, shape: list[int], width: int) -> torch.Tensor:
     return torch.empty([*shape, width], dtype=torch.float32)
 

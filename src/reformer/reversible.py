@@ -19,6 +19,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .feedforward import FeedForward
+from .vjp import vjp
 
 
 class ReformerBlock(nn.Module):
@@ -89,7 +90,7 @@ class _RngState:
             yield
 
 
-class _AutocastState:
+class AutocastState:
     """The autocast settings of the CPU and of the CUDA device at forward time (as torch.utils.checkpoint
     records them), to be re-entered for the recomputation."""
 
@@ -182,7 +183,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 replays.append(replay)
                 rng_states.append((rng_f, rng_g))
         ctx.blocks, ctx.replays, ctx.rng_states = blocks, replays, rng_states
-        ctx.autocast = _AutocastState()
+        ctx.autocast = AutocastState()
         ctx.attention_mask, ctx.n_hashes = attention_mask, n_hashes
         ctx.save_for_backward(x1, x2)
         return x1, x2
@@ -219,7 +220,7 @@ class _ReversibleFunction(torch.autograd.Function):
             attn_params = block.attention_params()
             with torch.enable_grad(), _maybe_restored(rng_f), ctx.autocast.entered():
                 f_out = block.attend(x2_leaf, ctx.attention_mask, ctx.n_hashes, replay)
-            grad_x2_from_f, *attn_grads = torch.autograd.grad(f_out, [x2_leaf, *attn_params], grad_y1)
+            grad_x2_from_f, *attn_grads = vjp(f_out, [x2_leaf, *attn_params], grad_y1)
             for p, g in zip(attn_params, attn_grads, strict=True):
                 grads[p].add_(g)
             del attn_grads, x2_leaf

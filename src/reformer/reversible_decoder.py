@@ -20,7 +20,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .feedforward import FeedForward
-from .reversible import _AutocastState, _maybe_restored, _RngState
+from .reversible import AutocastState, _maybe_restored, _RngState
+from .vjp import vjp
 
 STEPS = ("self", "cross", "ff")
 
@@ -92,7 +93,7 @@ class _ReversibleDecoderFunction(torch.autograd.Function):
                     a.add_(block.step(kind, b, memory, step_ctx, replay))
                     a, b = b, a
                     records.append((block, kind, replay, rng))
-        ctx.records, ctx.step_ctx, ctx.autocast, ctx.params = records, step_ctx, _AutocastState(), params
+        ctx.records, ctx.step_ctx, ctx.autocast, ctx.params = records, step_ctx, AutocastState(), params
         ctx.memory_needs_grad = memory.requires_grad
         ctx.save_for_backward(a, b, memory)
         return a, b
@@ -114,7 +115,7 @@ class _ReversibleDecoderFunction(torch.autograd.Function):
             inputs = [p_leaf, *params] + ([memory_in] if memory_in is not memory else [])
             with torch.enable_grad(), _maybe_restored(rng), ctx.autocast.entered():
                 f_out = block.step(kind, p_leaf, memory_in, ctx.step_ctx, replay)
-            grads = torch.autograd.grad(f_out, inputs, grad_b, allow_unused=True)
+            grads = vjp(f_out, inputs, grad_b, allow_unused=True)
             grad_a.add_(grads[0])  # the gradient of p = b_in
             for param, g in zip(params, grads[1 : 1 + len(params)], strict=True):
                 if g is not None:

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
 from ..config import ReformerConfig, read_json_object
@@ -78,40 +76,6 @@ def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
 def _real_first_order(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(batch, length)`` int64 permutation per row listing its real positions first, each group in order."""
     return torch.sort((~attention_mask).to(torch.uint8), dim=1, stable=True).indices
-
-
-def chunked_cross_entropy(
-    head: nn.Module,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    chunk_size: int,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` against ``targets`` ``(batch, length)`` int64, in ``dtype``
-    (default: float32, float64 for float64 models), ``chunk_size`` positions at a time with the logits
-    recomputed in the backward pass, so ``length x n_classes`` logits are never held at once.
-    ``hidden``: ``(batch, length, 2 * d_model)``."""
-    dtype = loss_dtype(hidden.dtype) if dtype is None else dtype
-    total = hidden.new_zeros((), dtype=dtype)
-    for h, t in zip(hidden.split(chunk_size, dim=1), targets.split(chunk_size, dim=1), strict=True):
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_loss, head, h, t, ignore_index, dtype, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(head, h, t, ignore_index, dtype)
-    return total
-
-
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Losses are computed in float32, or in float64 for float64 models (low-precision logits are upcast)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int, dtype):
-    logits = head(hidden).to(dtype)
-    return F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum"
-    )
 
 
 class ReformerTrunk(nn.Module):

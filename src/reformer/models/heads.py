@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ReformerConfig
-from .base import ReformerTrunk, chunked_cross_entropy, loss_dtype
+from .base import ReformerTrunk
+from .loss import chunked_cross_entropy, loss_dtype
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 POOLINGS = ("first", "mean")  # what sequence classification reads: HF's first token, or the mean

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..config import ReformerConfig
-from .base import ReformerTrunk, chunked_cross_entropy
+from .base import ReformerTrunk
+from .loss import chunked_cross_entropy
 
 
 class ReformerLM(ReformerTrunk):

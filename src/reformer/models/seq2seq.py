@@ -25,9 +25,9 @@ from .base import (
     build_attention,
     build_embeddings,
     build_feed_forward,
-    chunked_cross_entropy,
 )
 from .heads import ReformerEncoder
+from .loss import chunked_cross_entropy
 from .seq2seq_config import Seq2SeqConfig
 
 CONFIG_FILE = "config.json"

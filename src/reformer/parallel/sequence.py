@@ -26,8 +26,8 @@ from torch import nn
 
 from ..attention.base import SelfAttentionBase
 from ..attention.sequence_shard import check_heads
-from ..models.base import chunked_cross_entropy
 from ..models.lm import ReformerLM
+from ..models.loss import chunked_cross_entropy
 
 
 class _GatherTokens(torch.autograd.Function):
