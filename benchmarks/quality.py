@@ -10,6 +10,7 @@ schedule and tokens; only the attention changes:
     mix-own       the mix with the truly causal LSH key rule (lsh_key_rule=own_bucket, now the default)
     lsh2 / lsh4   LSH in every layer with 2 / 4 rounds (lsh4-own: 4 rounds, own_bucket)
     mix-exact     ablation: local, full, local, full (exact attention in the LSH slots)
+    mix-own-bf16  precision: mix-own trained under bfloat16 autocast (every other variant: float32)
     exact-shared  ablation: exact attention with shared QK and the self-mask (too slow on CPU to finish)
 
 Steps (run them in this order; each resumes where it stopped, finished runs are skipped)::
@@ -41,7 +42,7 @@ COMMON = [
     "--d-model", "128", "--n-heads", "4", "--d-ff", "512", "--bucket-size", "64",
     "--local-chunk-size", "128", "--reversible", "--batch-size", "1", "--lr", "4e-3", "--warmup", "50",
     "--schedule", "cosine", "--eval-every", "25", "--eval-batches", "4", "--save-every", "25",
-    "--no-progress", "--no-sample",
+    "--no-progress", "--no-sample", "--precision", "fp32",
 ]  # fmt: skip
 VARIANTS: dict[str, list[str]] = {
     "exact": ["--attn-layers", "full,full,full,full"],
@@ -56,11 +57,13 @@ VARIANTS: dict[str, list[str]] = {
     "exact-shared": ["--attn-layers", "lsh,lsh,lsh,lsh", "--n-hashes", "1", "--bucket-size", "4096"],
     "mix-exact": ["--attn-layers", "local,full,local,full"],
 }
+# Precision: the mix-own variant under bfloat16 autocast (the last --precision flag wins).
+VARIANTS["mix-own-bf16"] = [*VARIANTS["mix-own"], "--precision", "bf16"]
 SHORT = dict(seq_len=4096, steps=300)
 # (variant, seed) in the order they run: the comparison the targets need first, second seeds last.
 SHORT_RUNS = [("mix", 0), ("exact", 0), ("mix-own", 0), ("lsh2", 0), ("local", 0), ("mix", 1),
               ("exact", 1), ("mix-own", 1), ("lsh4", 0), ("lsh4-own", 0), ("mix-exact", 0),
-              ("exact-shared", 0)]  # fmt: skip
+              ("exact-shared", 0), ("mix-own-bf16", 0)]  # fmt: skip
 LONG = dict(seq_len=16384, minutes=4.0)  # the wall-clock budget of each 16K run, at the measured speed
 LONG_RUNS = [("mix-own", 0), ("exact", 0)]
 

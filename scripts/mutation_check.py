@@ -51,6 +51,7 @@ FAST_TESTS = [
     "tests/test_hf.py",
     "tests/test_model.py::test_chunked_loss_gradients_equal_those_of_the_plain_loss",
     "tests/test_cold_start.py",
+    "tests/test_precision.py",
 ]
 
 
@@ -200,6 +201,11 @@ MUTATIONS = [
         "    return _column_seeded_randn(seed, shape, width)\n\n\ndef",
         "    return _column_seeded_randn_op(seed, shape, width)\n\n\ndef",
         "eager calls go through the custom op, whose first call imports torch._dynamo (cold start)",
+    ),
+    Mutation(
+        "precision-auto-avx512", "train/precision.py",
+        'found.get("avx512_bf16")', 'found.get("avx512_f")',
+        "--precision auto takes bf16 on every AVX512 CPU, where bf16 is emulated and slow",
     ),
 ]  # fmt: skip
 

@@ -24,6 +24,7 @@ from .encoder_commands import add_encoder_arguments, encoder_settings, run_encod
 from .encoder_tasks import ENCODER_TASKS
 from .evaluation import evaluate_run, sample_text
 from .loop import train
+from .precision import HELP as PRECISION_HELP
 
 # Flags of `reformer train` that map onto ReformerConfig fields.
 MODEL_FLAGS = (
@@ -72,7 +73,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "the length when the training loss falls below --curriculum-loss (docs/seq2seq.md)",
     )  # fmt: skip
     g.add_argument("--curriculum-loss", type=float, help="the curriculum's loss threshold (default 0.3 nats)")
-    g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     g.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     g.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
     g.add_argument("--save-every", type=int, help="steps between checkpoints")

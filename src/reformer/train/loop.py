@@ -28,6 +28,7 @@ from .distributed import Distributed, check_replicas
 from .encoder_tasks import TaskObjective, build_model
 from .evaluation import evaluate_batches
 from .metrics import MetricsLog, postfix, progress_bar
+from .precision import training_autocast
 from .seq2seq import Seq2SeqBatches, TeacherForced, evaluate_seq2seq
 
 
@@ -203,10 +204,7 @@ def _train(
             device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             process_group=mesh.data_group,
         )
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
-    autocast = (
-        torch.autocast(dist.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    )
+    autocast = training_autocast(cfg.precision, dist.device)
     held_out = batches.held_out()
     logger = MetricsLog(run, cfg.task, enabled=dist.is_main)
     checkpoint, last_eval = (existing[-1] if resume else None), {}
