@@ -42,6 +42,9 @@ FAST_TESTS = [
     "tests/test_hashing.py",
     "tests/test_lsh_oracle.py",
     "tests/test_lsh_attention.py",
+    "tests/test_blocked.py",
+    "tests/test_cross_attention.py",
+    "tests/test_lsh_cross_attention.py",
     "tests/test_model.py::test_loss_is_mean_cross_entropy_of_logits",
     "tests/test_model.py::test_reversible_gradients_equal_plain_residual_gradients",
     "tests/test_model.py::test_feed_forward_in_chunks_gives_the_loss_and_gradients_of_plain_residuals",
@@ -66,7 +69,7 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
-        "mask-constant", "attention/chunked.py",
+        "mask-constant", "attention/blocked.py",
         "MASK_VALUE = -1e9", "MASK_VALUE = -1e4",
         "padding/causal mask above the self mask: a token that sees only itself attends to masked keys",
     ),
@@ -135,18 +138,18 @@ MUTATIONS = [
     ),
     Mutation(
         "padding-mask-skipped", "attention/chunked.py",
-        "if plan.key_valid is not None:", "if False:",
+        "if self.key_valid is not None:", "if False:",
         "padding keys are not masked",
     ),
     Mutation(
-        "lse-merge", "attention/chunked.py",
+        "lse-merge", "attention/blocked.py",
         "acc[rows] * old_scale[:, None] + out", "acc[rows] + out",
         "hash rounds merged without rescaling the earlier rounds (old_scale dropped)",
     ),
     Mutation(
-        "dropout-replay", "attention/chunked.py",
-        "generator = _generator(ctx.seed, q.device)",
-        "generator = _generator(ctx.seed and ctx.seed + 1, q.device)",
+        "dropout-replay", "attention/blocked.py",
+        "for t in (q, k, v))\n    generator = _generator(seed, q.device)",
+        "for t in (q, k, v))\n    generator = _generator(seed and seed + 1, q.device)",
         "the attention backward draws other dropout masks than the forward",
     ),
     Mutation(
@@ -185,6 +188,32 @@ MUTATIONS = [
         "ff-chunk-grad-accumulation", "feedforward.py",
         "acc.add_(g)", "acc.copy_(g)",
         "feed-forward parameter gradients keep only the last chunk's",
+    ),
+    Mutation(
+        "blocked-first-visit", "attention/blocked.py",
+        "merge_block(acc, run_max, run_sum, q_rows.reshape(-1), out, lse, first)",
+        "merge_block(acc, run_max, run_sum, q_rows.reshape(-1), out, lse, True)",
+        "every block overwrites its rows' output: only the last hash round or key tile counts",
+    ),
+    Mutation(
+        "blocked-grad-scale", "attention/blocked.py",
+        "dq = dq if dq_scale == 1.0 else dq.mul_(dq_scale)", "dq = dq",
+        "the query gradient misses the score scale (cross-attention dq off by sqrt(head_dim))",
+    ),
+    Mutation(
+        "blocked-empty-rows", "attention/blocked.py",
+        "EMPTY_LSE = HIDDEN / 2", "EMPTY_LSE = HIDDEN * 2",
+        "a query with every key hidden averages the hidden values instead of giving zeros",
+    ),
+    Mutation(
+        "tiled-key-mask", "attention/cross.py",
+        "~self.key_valid[:, None, k0:k1]", "~self.key_valid[:, None, : k1 - k0]",
+        "exact cross-attention masks the first key tile's padding in every tile",
+    ),
+    Mutation(
+        "lsh-cross-round-keys", "attention/lsh_cross.py",
+        "self.k_rows[r].index_select(0, chunks)", "self.k_rows[0].index_select(0, chunks)",
+        "LSH cross-attention: every hash round attends to the first round's keys",
     ),
     Mutation(
         "vjp-sum", "vjp.py",

@@ -1,8 +1,8 @@
 """Exact cross-attention (decoder queries over encoder keys): the memory-lean functional core and the module.
 
-The scores are computed block by block, (query block) x (key block), with an online softmax (the
-log-sum-exp of every query is carried across key blocks), and the backward pass recomputes each block
-from the saved log-sum-exp, as FlashAttention does: memory is O(L_dec + L_enc) besides one block of
+The scores are computed tile by tile, (query block) x (key block), by the blocked core (:mod:`.blocked`):
+the log-sum-exp of every query is carried across key blocks, and the backward pass recomputes each tile
+from the saved log-sum-exp, as FlashAttention does: memory is O(L_dec + L_enc) besides one tile of
 scores, however long the source. The module projects the encoder output to keys and values once per
 call (or takes them from a decoding cache) and the decoder states to queries.
 """
@@ -10,94 +10,68 @@ call (or takes them from a decoding cache) and the decoder states to queries.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .base import SelfAttentionBase
-from .chunked import MASK_VALUE, _acc_dtype
+from .blocked import HIDDEN, blocked_attention
 
 # Scores held at once: batch x heads x query block x key block. 2**22 float32 values is 16 MiB.
 CROSS_BLOCK_SCORES = 2**22
 KEY_BLOCK = 1024
-# A query whose keys are all padding has a log-sum-exp near MASK_VALUE: zero output, no gradient.
-EMPTY_LSE = MASK_VALUE / 2
 
 
-def _blocks(length: int, size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + size, length)) for start in range(0, length, size)]
+@dataclass
+class TiledPlan:
+    """Every query of every (batch, head) slice over every key, in tiles of ``query_block`` queries x
+    ``key_block`` keys of all slices at once. Rows: ``(batch * L_dec * heads, dim)`` queries and
+    ``(batch * L_enc * heads, dim)`` keys, position-major as the projections make them (so that splitting
+    the heads copies nothing); ``key_valid`` ``(batch * heads, L_enc)`` bool or None."""
+
+    key_valid: torch.Tensor | None
+    device: torch.device
+    slices: int
+    heads: int
+    lq: int
+    lk: int
+    query_block: int
+    key_block: int
+
+    def blocks(self) -> list[tuple[tuple[int, int, int, int], bool]]:
+        return [
+            ((q0, min(q0 + self.query_block, self.lq), k0, min(k0 + self.key_block, self.lk)), k0 == 0)
+            for q0 in range(0, self.lq, self.query_block)
+            for k0 in range(0, self.lk, self.key_block)
+        ]
+
+    def block_rows(self, block: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        q0, q1, k0, k1 = block
+        slices = torch.arange(self.slices, device=self.device)[:, None]
+        batch, head = slices // self.heads, slices % self.heads
+        q_rows = (batch * self.lq + torch.arange(q0, q1, device=self.device)) * self.heads + head
+        return q_rows, (batch * self.lk + torch.arange(k0, k1, device=self.device)) * self.heads + head
+
+    def mask_scores(self, scores, block, q_rows, k_rows) -> torch.Tensor:
+        if self.key_valid is None:
+            return scores
+        _, _, k0, k1 = block
+        return scores.masked_fill_(~self.key_valid[:, None, k0:k1], HIDDEN)
 
 
-def _block_sizes(q: torch.Tensor, k: torch.Tensor, block_scores: int) -> tuple[int, int]:
-    slices, lq, lk = q.shape[0] * q.shape[1], q.shape[2], k.shape[2]
+def tiled_plan(
+    q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, block_scores: int
+) -> TiledPlan:
+    """The tiles of ``q`` ``(batch, heads, L_dec, dim)`` over ``k`` ``(batch, heads, L_enc, dim)``: keys 1,024
+    at a time, and as many queries as keep a tile of all slices within ``block_scores`` scores."""
+    batch, heads, lq, _ = q.shape
+    slices, lk = batch * heads, k.shape[2]
     key_block = min(lk, KEY_BLOCK)
     query_block = max(1, min(lq, block_scores // max(1, slices * key_block)))
-    return query_block, key_block
-
-
-def _block_scores(qs, k_blk, key_valid, k0, k1, acc_dtype) -> torch.Tensor:
-    """Scaled scores ``(batch, heads, n_q, n_k)`` with padding keys at ``MASK_VALUE``."""
-    scores = torch.matmul(qs, k_blk.transpose(-1, -2)).to(acc_dtype)
     if key_valid is not None:
-        scores.masked_fill_(~key_valid[:, None, None, k0:k1], MASK_VALUE)
-    return scores
-
-
-class _CrossAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_valid, block_scores):
-        acc_dtype = _acc_dtype(q)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        batch, heads, lq, _ = q.shape
-        out = torch.empty(batch, heads, lq, v.shape[-1], dtype=v.dtype, device=q.device)
-        lse = torch.empty(batch, heads, lq, dtype=acc_dtype, device=q.device)
-        query_block, key_block = _block_sizes(q, k, block_scores)
-        for q0, q1 in _blocks(lq, query_block):
-            qs = q[:, :, q0:q1] * scale
-            acc = torch.zeros(batch, heads, q1 - q0, v.shape[-1], dtype=acc_dtype, device=q.device)
-            run_max = torch.full((batch, heads, q1 - q0), -math.inf, dtype=acc_dtype, device=q.device)
-            run_sum = torch.zeros_like(run_max)
-            for k0, k1 in _blocks(k.shape[2], key_block):
-                scores = _block_scores(qs, k[:, :, k0:k1], key_valid, k0, k1, acc_dtype)
-                new_max = torch.maximum(run_max, scores.amax(-1))
-                rescale = (run_max - new_max).exp_()
-                weights = scores.sub_(new_max[..., None]).exp_()
-                acc.mul_(rescale[..., None]).add_(torch.matmul(weights.to(v.dtype), v[:, :, k0:k1]))
-                run_sum.mul_(rescale).add_(weights.sum(-1))
-                run_max = new_max
-            block_lse = run_max + run_sum.log()
-            empty = block_lse < EMPTY_LSE
-            out[:, :, q0:q1] = (acc / run_sum[..., None]).masked_fill_(empty[..., None], 0.0)
-            lse[:, :, q0:q1] = block_lse.masked_fill_(empty, math.inf)
-        ctx.save_for_backward(q, k, v, out, lse, key_valid)
-        ctx.block_scores = block_scores
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, key_valid = ctx.saved_tensors
-        acc_dtype = _acc_dtype(q)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)
-        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
-        query_block, key_block = _block_sizes(q, k, ctx.block_scores)
-        for q0, q1 in _blocks(q.shape[2], query_block):
-            qs, g = q[:, :, q0:q1] * scale, grad_out[:, :, q0:q1]
-            for k0, k1 in _blocks(k.shape[2], key_block):
-                k_blk, v_blk = k[:, :, k0:k1], v[:, :, k0:k1]
-                scores = _block_scores(qs, k_blk, key_valid, k0, k1, acc_dtype)
-                probs = scores.sub_(lse[:, :, q0:q1, None]).exp_()
-                dv[:, :, k0:k1] += torch.matmul(probs.transpose(-1, -2).to(g.dtype), g).to(acc_dtype)
-                grad_probs = torch.matmul(g, v_blk.transpose(-1, -2)).to(acc_dtype)
-                grad_scores = probs.mul_(grad_probs.sub_(delta[:, :, q0:q1, None])).to(q.dtype)
-                dq[:, :, q0:q1] += torch.matmul(grad_scores, k_blk).to(acc_dtype) * scale
-                dk[:, :, k0:k1] += torch.matmul(grad_scores.transpose(-1, -2), qs).to(acc_dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        key_valid = key_valid[:, None].expand(batch, heads, lk).reshape(slices, lk)
+    return TiledPlan(key_valid, q.device, slices, heads, lq, lk, query_block, key_block)
 
 
 def check_cross_inputs(
@@ -151,7 +125,11 @@ def cross_attention(
         recomputes the scores block by block and is not differentiable again.
     """
     key_valid = check_cross_inputs(q, k, v, key_mask)
-    return _CrossAttention.apply(q, k, v, key_valid, block_scores)
+    plan = tiled_plan(q, k, key_valid, block_scores)
+    flat = lambda t: t.transpose(1, 2).reshape(-1, t.shape[-1])  # noqa: E731  (a view of a projection)
+    out = blocked_attention(flat(q), flat(k), flat(v), plan, scale=1.0 / math.sqrt(q.shape[-1]))
+    batch, heads, lq, _ = q.shape
+    return out.view(batch, lq, heads, v.shape[-1]).transpose(1, 2)
 
 
 class CrossAttention(SelfAttentionBase):

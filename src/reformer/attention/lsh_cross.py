@@ -31,11 +31,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, total_buckets
-from .chunked import _acc_dtype, _take, draw_call_seed, merge_round, merged_output
-from .cross import EMPTY_LSE, MASK_VALUE, CrossAttention, check_cross_inputs
+from .blocked import HIDDEN, blocked_attention
+from .chunked import draw_call_seed
+from .cross import CrossAttention, check_cross_inputs
 
 # Scores held at once: (chunks in a block) x chunk_size x window.
 BLOCK_SCORES = 2**21
@@ -56,67 +56,20 @@ class CrossPlan:
     k_rows: torch.Tensor
     k_ok: torch.Tensor
 
-    def blocks(self) -> list[tuple[int, torch.Tensor]]:
+    def blocks(self) -> list[tuple[tuple[int, torch.Tensor], bool]]:
+        """``(round, chunk ids)`` blocks, round by round (a round visits every query row once)."""
         rounds, n, chunk = self.q_rows.shape
         per_block = max(1, BLOCK_SCORES // (chunk * self.k_rows.shape[-1]))
         ids = torch.arange(n, device=self.q_rows.device)
-        return [(r, block) for r in range(rounds) for block in ids.split(per_block)]
+        return [((r, block), r == 0) for r in range(rounds) for block in ids.split(per_block)]
 
+    def block_rows(self, block: tuple[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        r, chunks = block
+        return self.q_rows[r].index_select(0, chunks), self.k_rows[r].index_select(0, chunks)
 
-def _scores(q, k, plan: CrossPlan, r: int, block: torch.Tensor, scale: float, acc_dtype):
-    """Scaled, masked scores ``(n, chunk, window)`` of the chunks ``block`` of round ``r``, with the rows
-    and the gathered queries and keys."""
-    q_rows, k_rows = plan.q_rows[r].index_select(0, block), plan.k_rows[r].index_select(0, block)
-    q_blk, k_blk = _take(q, q_rows), _take(k, k_rows)
-    scores = torch.matmul(q_blk, k_blk.transpose(-1, -2)).to(acc_dtype).mul_(scale)
-    scores.masked_fill_(~plan.k_ok[r].index_select(0, block)[:, None, :], MASK_VALUE)
-    return scores, q_rows, k_rows, q_blk, k_blk
-
-
-class _GatheredAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan: CrossPlan):
-        acc_dtype, scale = _acc_dtype(q), 1.0 / math.sqrt(q.shape[-1])
-        rows = q.shape[0]
-        acc = torch.zeros(rows, v.shape[1], dtype=acc_dtype, device=q.device)
-        run_max = torch.full((rows,), -math.inf, dtype=acc_dtype, device=q.device)
-        run_sum = torch.zeros(rows, dtype=acc_dtype, device=q.device)
-        for r, block in plan.blocks():
-            scores, q_rows, k_rows, _, _ = _scores(q, k, plan, r, block, scale, acc_dtype)
-            row_max = scores.amax(-1, keepdim=True)
-            weights = scores.sub_(row_max).exp_()
-            row_sum = weights.sum(-1)
-            out = torch.matmul(weights.to(v.dtype), _take(v, k_rows)).to(acc_dtype)
-            out = out.div_(row_sum[..., None]).flatten(0, 1)
-            lse = (row_max.squeeze(-1) + row_sum.log()).reshape(-1)
-            merge_round(acc, run_max, run_sum, q_rows.reshape(-1), out, lse, r == 0, base2=False)
-        out, total_lse = merged_output(acc, run_max, run_sum, v.dtype, EMPTY_LSE, base2=False)
-        ctx.save_for_backward(q, k, v, out, total_lse)
-        ctx.plan = plan
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, total_lse = ctx.saved_tensors
-        plan, acc_dtype, scale = ctx.plan, _acc_dtype(q), 1.0 / math.sqrt(q.shape[-1])
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.to(acc_dtype) * out.to(acc_dtype)).sum(-1)
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v))
-        for r, block in plan.blocks():
-            scores, q_rows, k_rows, q_blk, k_blk = _scores(q, k, plan, r, block, scale, acc_dtype)
-            v_blk, g_blk = _take(v, k_rows), _take(grad_out, q_rows)
-            probs = scores.sub_(_take(total_lse, q_rows)[..., None]).exp_()
-            grad_probs = torch.matmul(g_blk, v_blk.transpose(-1, -2)).to(acc_dtype)
-            dv_blk = torch.matmul(probs.transpose(-1, -2).to(g_blk.dtype), g_blk)
-            grad_scores = probs.mul_(grad_probs.sub_(_take(delta, q_rows)[..., None])).mul_(scale).to(q.dtype)
-            flat_q, flat_k = q_rows.reshape(-1), k_rows.reshape(-1)
-            dq.index_add_(0, flat_q, torch.matmul(grad_scores, k_blk).to(acc_dtype).flatten(0, 1))
-            dk.index_add_(
-                0, flat_k, torch.matmul(grad_scores.transpose(-1, -2), q_blk).to(acc_dtype).flatten(0, 1)
-            )
-            dv.index_add_(0, flat_k, dv_blk.to(acc_dtype).flatten(0, 1))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+    def mask_scores(self, scores, block, q_rows, k_rows) -> torch.Tensor:
+        r, chunks = block
+        return scores.masked_fill_(~self.k_ok[r].index_select(0, chunks)[:, None, :], HIDDEN)
 
 
 @torch.no_grad()
@@ -228,7 +181,8 @@ def lsh_cross_attention(
             rotations = draw_rotations(heads, head_dim, n_hashes, n_buckets, seed=seed, device=q.device)
         plan = lsh_cross_plan(q_p, k, rotations, n_buckets, chunk_size, window, query_valid, key_valid)
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-    out = _GatheredAttention.apply(flat(q_p), flat(k), flat(v), plan).view(batch, heads, padded, v.shape[-1])
+    out = blocked_attention(flat(q_p), flat(k), flat(v), plan, scale=1.0 / math.sqrt(head_dim))
+    out = out.view(batch, heads, padded, v.shape[-1])
     out = out[:, :, :lq]
     if query_mask is not None:
         out = out.masked_fill(~query_valid[:, None, :lq, None], 0.0)

@@ -119,11 +119,12 @@ if triton is not None:
         OWN_BUCKET: tl.constexpr,
     ):  # fmt: skip
         """Scores ``log2(e) * q.k`` (float32) with the causal, padding and self masks of
-        ``chunked._scores``; key columns past the chunk get -inf.
+        ``chunked.ChunkPlan.mask_scores``; key columns past the chunk get -inf.
 
-        ``OWN_BUCKET`` adds the masks of ``chunked._outside_own_bucket``: the key chunk must be ``gap``
-        chunks before the query chunk in round ``rnd`` (no wrapped slot), in the query's bucket (``Bkt``,
-        the sorted buckets), and at most ``window_keys`` sorted places before the query."""
+        ``OWN_BUCKET`` adds the masks of ``chunked.ChunkPlan._mask_outside_own_bucket``: the key chunk
+        must be ``gap`` chunks before the query chunk in round ``rnd`` (no wrapped slot), in the query's
+        bucket (``Bkt``, the sorted buckets), and at most ``window_keys`` sorted places before the
+        query."""
         scores = _dot(q, tl.trans(k), PRECISION) * 1.4426950408889634
         if CAUSAL:
             scores = tl.where(qpos[:, None] < kpos[None, :], mask_value, scores)

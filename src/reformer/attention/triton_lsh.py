@@ -18,7 +18,7 @@ results match the PyTorch path to rounding. For bfloat16/float16 the round merge
 cross-round gradient sums are stored in the input dtype (float32 inside a tile).
 
 With ``key_rule="own_bucket"`` (truly causal LSH) the kernels also read the sorted bucket ids and mask,
-as ``chunked._mask_outside_own_bucket`` does, keys of another bucket, keys more than
+as ``chunked.ChunkPlan._mask_outside_own_bucket`` does, keys of another bucket, keys more than
 ``before * bucket_size`` sorted places before the query, and neighbour slots that wrapped around; such
 sequences are hashed and run on the kernels even when they fit in one chunk.
 
@@ -42,7 +42,8 @@ from torch.autograd.function import once_differentiable
 
 from ..hashing import bucket_factors, total_buckets
 from . import triton_kernels as kernels
-from .chunked import LOG2E, MASK_VALUE, SELF_MASK_VALUE, chunk_neighbours
+from .blocked import LOG2E, MASK_VALUE
+from .chunked import SELF_MASK_VALUE, chunk_neighbours
 
 triton = kernels.triton
 # The interpreter setting, read by ``triton.jit`` when the kernels were defined.
