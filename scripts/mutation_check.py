@@ -191,8 +191,8 @@ MUTATIONS = [
     ),
     Mutation(
         "blocked-first-visit", "attention/blocked.py",
-        "merge_block(acc, run_max, run_sum, q_rows.reshape(-1), out, lse, first)",
-        "merge_block(acc, run_max, run_sum, q_rows.reshape(-1), out, lse, True)",
+        "merge_block(acc, run_max, run_sum, block_rows, out, lse, first)",
+        "merge_block(acc, run_max, run_sum, block_rows, out, lse, True)",
         "every block overwrites its rows' output: only the last hash round or key tile counts",
     ),
     Mutation(

@@ -102,3 +102,90 @@ def test_compiled_training_matches_eager():
         for name, grad in grads.items():
             assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=0), name
     torch._dynamo.reset()
+
+
+def _graph_ops(explained) -> int:
+    return sum(1 for graph in explained.graphs for node in graph.graph.nodes if node.op == "call_function")
+
+
+@pytest.mark.slow
+def test_compiled_graph_does_not_grow_with_length(monkeypatch):
+    """The attention cores are single ops in the graph: with one chunk per block, more than twice the
+    blocks trace the same number of operations (Dynamo tracing only)."""
+    import torch._dynamo
+
+    from reformer.attention import chunked
+
+    monkeypatch.setattr(chunked, "BLOCK_SCORES", 1)
+    model = _model().eval()
+    counts = []
+    with torch.no_grad():
+        for length in (48, 112):  # multiples of the chunks: no padding branch
+            torch._dynamo.reset()
+            ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(1))
+            explained = torch._dynamo.explain(model)(ids)
+            assert explained.graph_break_count == 0, explained.break_reasons
+            counts.append(_graph_ops(explained))
+    assert counts[0] == counts[1], counts
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_eval_forward_with_gradients_compiles_whole_and_matches_eager():
+    """An eval-mode loss with gradients: one graph (the stack runs as plain residuals under compile), and
+    its gradients equal the eager (reversible) ones. AOTAutograd without Inductor's code generation, as
+    for training."""
+    import torch._dynamo
+
+    model = _model().eval()
+    ids, mask = _inputs()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, mask, targets=ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        loss = fn(ids, attention_mask=mask, targets=ids)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (expected_loss, expected_grads), (loss, grads) = results
+    assert torch.allclose(loss, expected_loss, atol=1e-6, rtol=0)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-6, rtol=0), name
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_cross_attention_cores_compile_whole_and_match_eager():
+    """Exact and LSH cross-attention reach the blocked core's op with their own plans: one graph each,
+    outputs and gradients equal to eager ones."""
+    import torch._dynamo
+
+    from reformer.attention import cross_attention, lsh_cross_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64) for n in (20, 37, 37))
+    key_mask = torch.ones(2, 37, dtype=torch.bool)
+    key_mask[1, 30:] = False
+    _, plan = lsh_cross_attention(q, k, v, n_buckets=4, chunk_size=4, window=8, hash_seed=3, return_plan=True)
+    cases = {
+        "exact": lambda q, k, v: cross_attention(q, k, v, key_mask=key_mask, block_scores=64),
+        "lsh": lambda q, k, v: lsh_cross_attention(q, k, v, n_buckets=4, chunk_size=4, window=8, plan=plan),
+    }
+    for name, fn in cases.items():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(q, k, v)
+        assert explained.graph_break_count == 0, (name, explained.break_reasons)
+        results = []
+        for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = f(*inputs)
+            out.backward(torch.ones_like(out))
+            results.append((out.detach(), [t.grad for t in inputs]))
+        (expected, expected_grads), (out, grads) = results
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg=name)
+        for a, b in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    torch._dynamo.reset()

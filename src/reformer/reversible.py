@@ -144,9 +144,10 @@ def _eager_under_compile(fn):
     """``fn``, run eagerly when torch.compile traces it (one graph break) and unchanged otherwise.
 
     The reversible stack is one opaque region for torch.compile: its autograd.Function takes modules,
-    saves and restores generator states and replays buckets, which dynamo cannot trace. (The inference
-    path, without gradients, is a plain loop and compiles whole.) ``torch.compiler.disable`` is applied
-    only while compiling, since it imports torch._dynamo, which would slow down ``import reformer``.
+    saves and restores generator states and replays buckets, which dynamo cannot trace; the layers inside
+    it then run compiled code (``compiled=True``). (Without gradients, and in eval mode while compiling,
+    the stack is a plain loop and compiles whole.) ``torch.compiler.disable`` is applied only while
+    compiling, since it imports torch._dynamo, which would slow down ``import reformer``.
     """
 
     @functools.wraps(fn)
@@ -158,16 +159,29 @@ def _eager_under_compile(fn):
     return run
 
 
+def _attend(block: ReformerBlock, x2, attention_mask, n_hashes, replay) -> torch.Tensor:
+    return block.attend(x2, attention_mask, n_hashes, replay)
+
+
+@functools.cache
+def _compiled_attend():
+    """:func:`_attend` through torch.compile: one compiled function for every block (their parameters are
+    inputs, not constants). The feed-forward stays eager: its compiled backward was slower on CPU."""
+    return torch.compile(_attend)
+
+
 class _ReversibleFunction(torch.autograd.Function):
-    """Runs every block forward without storing activations; rebuilds them in backward.
+    """Runs every block forward without storing activations; rebuilds them in backward. With ``compiled``
+    (the stack is inside a torch.compile'd model) each block's attention runs through compiled code.
 
     Block parameters are explicit inputs and their gradients explicit outputs (no side effects on
     ``.grad``), so autograd hooks such as DistributedDataParallel's see them as usual.
     """
 
     @staticmethod
-    def forward(ctx, x1, x2, attention_mask, n_hashes, blocks, keep_rng, *params):
+    def forward(ctx, x1, x2, attention_mask, n_hashes, blocks, keep_rng, compiled, *params):
         replays, rng_states = [], []
+        attend = _compiled_attend() if compiled else _attend
         with torch.no_grad():
             # Two buffers updated in place, layer after layer: few large allocations, so the CPU heap
             # does not fragment (its resident size would otherwise grow with depth).
@@ -176,7 +190,7 @@ class _ReversibleFunction(torch.autograd.Function):
             for block in blocks:
                 replay: dict = {}
                 rng_f = _RngState(x1.device) if keep_rng else None
-                x1.add_(block.attend(x2, attention_mask, n_hashes, replay))
+                x1.add_(attend(block, x2, attention_mask, n_hashes, replay))
                 store.keep(replay)
                 rng_g = _RngState(x1.device) if keep_rng else None
                 x2.add_(block.feed_forward(x1))
@@ -184,7 +198,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 rng_states.append((rng_f, rng_g))
         ctx.blocks, ctx.replays, ctx.rng_states = blocks, replays, rng_states
         ctx.autocast = AutocastState()
-        ctx.attention_mask, ctx.n_hashes = attention_mask, n_hashes
+        ctx.attention_mask, ctx.n_hashes, ctx.compiled = attention_mask, n_hashes, compiled
         ctx.save_for_backward(x1, x2)
         return x1, x2
 
@@ -205,6 +219,7 @@ class _ReversibleFunction(torch.autograd.Function):
         views = flat.split([p.numel() for p in params])
         grads = {p: g.view_as(p) for p, g in zip(params, views, strict=True)}
         layers = zip(reversed(ctx.blocks), reversed(ctx.replays), reversed(ctx.rng_states), strict=True)
+        attend = _compiled_attend() if ctx.compiled else _attend
         for layers_done, (block, replay, (rng_f, rng_g)) in enumerate(layers, start=1):
             # x2 = y2 - g(y1); the gradient of y1 picks up the feed-forward's contribution.
             ff_params = [p for p in block.feed_forward.parameters() if p.requires_grad]
@@ -219,7 +234,7 @@ class _ReversibleFunction(torch.autograd.Function):
             x2_leaf = y2.detach().requires_grad_(True)
             attn_params = block.attention_params()
             with torch.enable_grad(), _maybe_restored(rng_f), ctx.autocast.entered():
-                f_out = block.attend(x2_leaf, ctx.attention_mask, ctx.n_hashes, replay)
+                f_out = attend(block, x2_leaf, ctx.attention_mask, ctx.n_hashes, replay)
             grad_x2_from_f, *attn_grads = vjp(f_out, [x2_leaf, *attn_params], grad_y1)
             for p, g in zip(attn_params, attn_grads, strict=True):
                 grads[p].add_(g)
@@ -233,7 +248,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 release_free_heap()
             # grad_y1 (now the gradient of x1) is unchanged: x1 enters y1 with identity.
         param_grads = tuple(grads[p] if p.requires_grad else None for p in params)
-        return (grad_y1, grad_y2, None, None, None, None, *param_grads)
+        return (grad_y1, grad_y2, None, None, None, None, None, *param_grads)
 
 
 _reversible_apply = _eager_under_compile(_ReversibleFunction.apply)
@@ -260,7 +275,11 @@ class ReversibleSequence(nn.Module):
         self.reversible = reversible
 
     def forward(self, x1, x2, attention_mask=None, n_hashes=None):
-        if not self.reversible or not torch.is_grad_enabled() or not (x1.requires_grad or self._any_grad()):
+        compiling = torch.compiler.is_compiling()
+        needs_grad = torch.is_grad_enabled() and (x1.requires_grad or self._any_grad())
+        # Under torch.compile an eval-mode pass with gradients runs as plain residuals, traced whole (its
+        # autograd graph keeps every layer's activations, as for reversible=False).
+        if not self.reversible or not needs_grad or (compiling and not self.training):
             for block in self.blocks:
                 x1, x2 = block(x1, x2, attention_mask, n_hashes)
             return x1, x2
@@ -268,7 +287,9 @@ class ReversibleSequence(nn.Module):
         # recomputation must see the same draws and must leave the generators as it found them.
         keep_rng = self.training
         params = [p for block in self.blocks for p in block.parameters()]
-        return _reversible_apply(x1, x2, attention_mask, n_hashes, list(self.blocks), keep_rng, *params)
+        return _reversible_apply(
+            x1, x2, attention_mask, n_hashes, list(self.blocks), keep_rng, compiling, *params
+        )
 
     def _any_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())

@@ -19,6 +19,8 @@ which hidden entries always are.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Protocol
 
 import torch
@@ -101,34 +103,86 @@ def merge_block(acc, run_max, run_sum, rows, out, lse, first: bool) -> None:
     run_max.index_copy_(0, rows, new_max)
 
 
-def attention_forward(q, k, v, plan: BlockPlan, dropout_p: float, seed: int | None):
+def _forward_block(q, k, v, plan: BlockPlan, block, keep: torch.Tensor | None):
+    """One block's query rows ``(n * cq,)``, normalised output ``(n * cq, dim_v)`` (accumulator dtype)
+    and base-2 log-sum-exp ``(n * cq,)``; ``keep``: the scaled dropout mask ``(n, cq, ck)`` or None."""
+    q_rows, k_rows = plan.block_rows(block)
+    scores, _, _ = _scores(q, k, plan, block, q_rows, k_rows)
+    # Softmax with a single exp pass; the 1/sum is applied to the (smaller) output.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    weights = scores.sub_(row_max).exp2_()
+    row_sum = weights.sum(dim=-1)
+    if keep is not None:
+        weights.mul_(keep)
+    out = torch.matmul(weights.to(v.dtype), take(v, k_rows)).to(scores.dtype)
+    out = out.div_(row_sum[..., None]).flatten(0, 1)
+    lse = (row_max.squeeze(-1) + row_sum.log2()).reshape(-1)
+    return q_rows.reshape(-1), out, lse
+
+
+def _backward_block(grad_out, q, k, v, total_lse, delta, plan: BlockPlan, block, keep):
+    """One block's contributions: query rows ``(n * cq,)`` with their ``dq``, key rows ``(n * ck,)`` with
+    their ``dk`` and ``dv`` (accumulator dtype)."""
+    dtype = acc_dtype(q)
+    q_rows, k_rows = plan.block_rows(block)
+    scores, q_blk, k_blk = _scores(q, k, plan, block, q_rows, k_rows)
+    v_blk, g_blk = take(v, k_rows), take(grad_out, q_rows)
+    # One softmax over all blocks: P = 2**(s - LSE_total).
+    probs = scores.sub_(take(total_lse, q_rows)[..., None]).exp2_()
+    grad_probs = torch.matmul(g_blk, v_blk.transpose(-1, -2)).to(dtype)
+    if keep is not None:
+        dv_blk = torch.matmul((probs * keep).transpose(-1, -2).to(g_blk.dtype), g_blk)
+        grad_probs.mul_(keep)
+    else:
+        dv_blk = torch.matmul(probs.transpose(-1, -2).to(g_blk.dtype), g_blk)
+    grad_scores = probs.mul_(grad_probs.sub_(take(delta, q_rows)[..., None])).to(q.dtype)
+    dq_blk = torch.matmul(grad_scores, k_blk).to(dtype).flatten(0, 1)
+    dk_blk = torch.matmul(grad_scores.transpose(-1, -2), q_blk).to(dtype).flatten(0, 1)
+    return q_rows.reshape(-1), dq_blk, k_rows.reshape(-1), dk_blk, dv_blk.to(dtype).flatten(0, 1)
+
+
+def _keep_mask(plan: BlockPlan, block, dropout_p: float, generator, q) -> torch.Tensor | None:
+    if dropout_p == 0.0:
+        return None
+    q_rows, k_rows = plan.block_rows(block)
+    shape = (*q_rows.shape, k_rows.shape[1])
+    return _dropout_mask(shape, dropout_p, generator, q.device, acc_dtype(q))
+
+
+@functools.cache
+def _compiled_bodies():
+    return torch.compile(_forward_block), torch.compile(_backward_block)
+
+
+def _bodies(compiled: bool, dropout_p: float):
+    """The per-block functions, through torch.compile when ``compiled`` (compilation then sees one block,
+    never the loop over blocks) unless there is dropout, whose masks come from a private generator."""
+    return _compiled_bodies() if compiled and dropout_p == 0.0 else (_forward_block, _backward_block)
+
+
+def attention_forward(q, k, v, plan: BlockPlan, dropout_p: float, seed: int | None, compiled: bool = False):
     """The output ``(rows_q, dim_v)`` in ``v``'s dtype and the base-2 log-sum-exp ``(rows_q,)``
-    (infinite for queries with no visible key, whose output is zero) of queries ``q`` already scaled."""
+    (infinite for queries with no visible key, whose output is zero) of queries ``q`` already scaled;
+    ``compiled``: run each block through torch.compile'd code."""
     rows, dtype = q.shape[0], acc_dtype(q)
     acc = torch.zeros(rows, v.shape[1], dtype=dtype, device=q.device)
     run_max = torch.full((rows,), float("-inf"), dtype=dtype, device=q.device)
     run_sum = torch.zeros(rows, dtype=dtype, device=q.device)
     generator = _generator(seed, q.device)
+    forward_block, _ = _bodies(compiled, dropout_p)
     for block, first in plan.blocks():
-        q_rows, k_rows = plan.block_rows(block)
-        scores, _, _ = _scores(q, k, plan, block, q_rows, k_rows)
-        # Softmax with a single exp pass; the 1/sum is applied to the (smaller) output.
-        row_max = scores.amax(dim=-1, keepdim=True)
-        weights = scores.sub_(row_max).exp2_()
-        row_sum = weights.sum(dim=-1)
-        if dropout_p > 0.0:
-            weights.mul_(_dropout_mask(weights.shape, dropout_p, generator, q.device, dtype))
-        out = torch.matmul(weights.to(v.dtype), take(v, k_rows)).to(dtype)
-        out = out.div_(row_sum[..., None]).flatten(0, 1)
-        lse = (row_max.squeeze(-1) + row_sum.log2()).reshape(-1)
-        merge_block(acc, run_max, run_sum, q_rows.reshape(-1), out, lse, first)
+        keep = _keep_mask(plan, block, dropout_p, generator, q)
+        block_rows, out, lse = forward_block(q, k, v, plan, block, keep)
+        merge_block(acc, run_max, run_sum, block_rows, out, lse, first)
     total_lse = run_max + run_sum.log2()
     empty = total_lse < EMPTY_LSE
     out = acc.div_(run_sum[:, None]).masked_fill_(empty[:, None], 0.0).to(v.dtype)
     return out, total_lse.masked_fill_(empty, float("inf"))
 
 
-def attention_backward(grad_out, q, k, v, out, total_lse, plan, dropout_p, seed, dq_scale=1.0):
+def attention_backward(
+    grad_out, q, k, v, out, total_lse, plan, dropout_p, seed, dq_scale=1.0, compiled=False
+):
     """Gradients ``(dq, dk, dv)`` of :func:`attention_forward`, the scores recomputed block by block,
     ``dq`` times ``dq_scale`` (the gradient of the unscaled queries).
 
@@ -139,26 +193,118 @@ def attention_backward(grad_out, q, k, v, out, total_lse, plan, dropout_p, seed,
     delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1)
     dq, dk, dv = (torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (q, k, v))
     generator = _generator(seed, q.device)
+    _, backward_block = _bodies(compiled, dropout_p)
     for block, _ in plan.blocks():
-        q_rows, k_rows = plan.block_rows(block)
-        scores, q_blk, k_blk = _scores(q, k, plan, block, q_rows, k_rows)
-        v_blk, g_blk = take(v, k_rows), take(grad_out, q_rows)
-        # One softmax over all blocks: P = 2**(s - LSE_total).
-        probs = scores.sub_(take(total_lse, q_rows)[..., None]).exp2_()
-        grad_probs = torch.matmul(g_blk, v_blk.transpose(-1, -2)).to(dtype)
-        if dropout_p > 0.0:
-            keep = _dropout_mask(probs.shape, dropout_p, generator, q.device, dtype)
-            dv_blk = torch.matmul((probs * keep).transpose(-1, -2).to(g_blk.dtype), g_blk)
-            grad_probs.mul_(keep)
-        else:
-            dv_blk = torch.matmul(probs.transpose(-1, -2).to(g_blk.dtype), g_blk)
-        grad_scores = probs.mul_(grad_probs.sub_(take(delta, q_rows)[..., None])).to(q.dtype)
-        flat_q, flat_k = q_rows.reshape(-1), k_rows.reshape(-1)
-        dq.index_add_(0, flat_q, torch.matmul(grad_scores, k_blk).to(dtype).flatten(0, 1))
-        dk.index_add_(0, flat_k, torch.matmul(grad_scores.transpose(-1, -2), q_blk).to(dtype).flatten(0, 1))
-        dv.index_add_(0, flat_k, dv_blk.to(dtype).flatten(0, 1))
+        keep = _keep_mask(plan, block, dropout_p, generator, q)
+        q_rows, dq_blk, k_rows, dk_blk, dv_blk = backward_block(
+            grad_out, q, k, v, total_lse, delta, plan, block, keep
+        )
+        dq.index_add_(0, q_rows, dq_blk)
+        dk.index_add_(0, k_rows, dk_blk)
+        dv.index_add_(0, k_rows, dv_blk)
     dq = dq if dq_scale == 1.0 else dq.mul_(dq_scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# Under torch.compile the core is one opaque custom op, its plan flattened into tensors and integers:
+# Dynamo would otherwise unroll the loop over blocks into the graph, whose size (and compile time) would
+# grow with the length. The op runs each block through torch.compile'd code instead.
+_PLANS: dict[str, type] = {}
+PLAN_TENSORS = 5  # tensor fields a registered plan may have (the op's fixed slots)
+
+
+def register_plan(cls: type) -> type:
+    """Class decorator for a dataclass plan whose fields are tensors (or None; at most
+    :data:`PLAN_TENSORS`), ints, bools and a device, so that compiled models can hand it to the core's
+    custom op."""
+    tensors = [field for field in dataclasses.fields(cls) if "Tensor" in field.type]
+    if len(tensors) > PLAN_TENSORS:
+        raise TypeError(f"{cls.__name__} has {len(tensors)} tensor fields; a plan may have {PLAN_TENSORS}")
+    _PLANS[cls.__name__] = cls
+    return cls
+
+
+def _flatten(plan) -> tuple:
+    """``(kind, tensor 1, ..., tensor PLAN_TENSORS, ints)``: the op's plan arguments."""
+    name = type(plan).__name__
+    if _PLANS.get(name) is not type(plan):
+        raise TypeError(f"{name} is not a registered plan (reformer.attention.blocked.register_plan)")
+    tensors, ints = [], []
+    for field in dataclasses.fields(plan):
+        if "Tensor" in field.type:
+            tensors.append(getattr(plan, field.name))
+        elif field.type != "torch.device":
+            ints.append(int(getattr(plan, field.name)))
+    return name, *tensors, *[None] * (PLAN_TENSORS - len(tensors)), ints
+
+
+def _unflatten(name: str, tensors: tuple, ints: list[int], device: torch.device):
+    cls, values = _PLANS[name], {}
+    tensors, ints = list(tensors), list(ints)
+    for field in dataclasses.fields(cls):
+        if "Tensor" in field.type:
+            values[field.name] = tensors.pop(0)
+        elif field.type == "torch.device":
+            values[field.name] = device
+        else:
+            values[field.name] = bool(ints.pop(0)) if field.type == "bool" else ints.pop(0)
+    return cls(**values)
+
+
+@torch.library.custom_op("reformer::blocked_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_kind: str, p0: torch.Tensor | None,
+    p1: torch.Tensor | None, p2: torch.Tensor | None, p3: torch.Tensor | None, p4: torch.Tensor | None,
+    plan_ints: list[int], scale: float, dropout_p: float, seed: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    plan = _unflatten(plan_kind, (p0, p1, p2, p3, p4), plan_ints, q.device)
+    q = q if scale == 1.0 else q * scale
+    return attention_forward(q, k, v, plan, dropout_p, seed, compiled=True)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, *args):
+    return q.new_empty(q.shape[0], v.shape[1], dtype=v.dtype), q.new_empty(q.shape[0], dtype=acc_dtype(q))
+
+
+@torch.library.custom_op("reformer::blocked_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    total_lse: torch.Tensor, plan_kind: str, p0: torch.Tensor | None, p1: torch.Tensor | None,
+    p2: torch.Tensor | None, p3: torch.Tensor | None, p4: torch.Tensor | None, plan_ints: list[int],
+    scale: float, dropout_p: float, seed: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    plan = _unflatten(plan_kind, (p0, p1, p2, p3, p4), plan_ints, q.device)
+    q = q if scale == 1.0 else q * scale
+    return attention_backward(
+        grad_out, q, k, v, out, total_lse, plan, dropout_p, seed, dq_scale=scale, compiled=True
+    )
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, plan_kind, *plan_tensors, plan_ints, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, *output, *(t for t in plan_tensors if t is not None))
+    ctx.missing = [t is None for t in plan_tensors]
+    ctx.settings = (plan_kind, plan_ints, scale, dropout_p, seed)
+
+
+def _op_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, total_lse, *present = ctx.saved_tensors
+    present = iter(present)
+    plan_tensors = [None if missing else next(present) for missing in ctx.missing]
+    plan_kind, plan_ints, scale, dropout_p, seed = ctx.settings
+    dq, dk, dv = _attention_backward_op(
+        grad_out, q, k, v, out, total_lse, plan_kind, *plan_tensors, plan_ints, scale, dropout_p, seed
+    )
+    return dq, dk, dv, *[None] * (1 + PLAN_TENSORS + 4)
+
+
+_attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -206,4 +352,7 @@ def blocked_attention(
     """
     if dropout_p > 0.0 and seed is None:
         raise ValueError("attention dropout needs a seed so that the backward pass can replay its masks")
+    if torch.compiler.is_compiling():
+        out, _ = _attention_op(q, k, v, *_flatten(plan), scale, dropout_p, seed)
+        return out
     return _BlockedAttention.apply(q, k, v, plan, scale, dropout_p, seed)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocked import HIDDEN, LOG2E, blocked_attention, take
+from .blocked import HIDDEN, LOG2E, blocked_attention, register_plan, take
 
 # A query's own key under the shared-QK rule (trax/HF, REFERENCE.md step 7): the low score -1e5, so it is
 # seen only when nothing else is.
@@ -24,6 +24,7 @@ SELF_MASK_VALUE = -1e5
 BLOCK_SCORES = 2**20
 
 
+@register_plan
 @dataclass
 class ChunkPlan:
     """Which rows attend to which, for ``slices`` independent (batch, head) slices.
@@ -205,7 +206,16 @@ def flat_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def draw_call_seed() -> int:
-    """A 62-bit seed from the default CPU generator (follows ``torch.manual_seed``; no device sync)."""
+    """A 62-bit seed from the default CPU generator (follows ``torch.manual_seed``; no device sync).
+
+    Under torch.compile it is drawn eagerly (one graph break), not by the compiled graph's own random
+    number generator: compiled and eager calls then hash and drop out alike."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_draw_call_seed)()
+    return _draw_call_seed()
+
+
+def _draw_call_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from .base import SelfAttentionBase
-from .blocked import HIDDEN, blocked_attention
+from .blocked import HIDDEN, blocked_attention, register_plan
 
 # Scores held at once: batch x heads x query block x key block. 2**22 float32 values is 16 MiB.
 CROSS_BLOCK_SCORES = 2**22
 KEY_BLOCK = 1024
 
 
+@register_plan
 @dataclass
 class TiledPlan:
     """Every query of every (batch, head) slice over every key, in tiles of ``query_block`` queries x
@@ -100,6 +101,8 @@ def check_cross_inputs(
     if key_mask.is_floating_point():
         raise TypeError("key_mask must be bool or integer (1 = real token, 0 = padding), not float")
     key_mask = key_mask.to(device=k.device, dtype=torch.bool)
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph; an all-real mask hides nothing
+        return key_mask
     return None if bool(key_mask.all()) else key_mask
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, total_buckets
-from .blocked import HIDDEN, blocked_attention
+from .blocked import HIDDEN, blocked_attention, register_plan
 from .chunked import draw_call_seed
 from .cross import CrossAttention, check_cross_inputs
 
@@ -41,6 +41,7 @@ from .cross import CrossAttention, check_cross_inputs
 BLOCK_SCORES = 2**21
 
 
+@register_plan
 @dataclass
 class CrossPlan:
     """Which flat rows attend to which, per hash round.
