@@ -183,6 +183,14 @@ class Task:
         """The batches ``reformer eval`` evaluates (``options``: its flags)."""
         return self.held_out()
 
+    def evaluate_test(
+        self, model: nn.Module, options: argparse.Namespace, device: torch.device, n_hashes: int | None = None
+    ) -> dict[str, float]:
+        """``reformer eval``: :meth:`evaluate` on :meth:`test_batches`. A task that evaluates several
+        test sets (lengths x depths, say) overrides this, calls :meth:`evaluate` on each and may write
+        figures next to the run (``options.run``, the run folder)."""
+        return self.evaluate(model, self.test_batches(model, options), device, n_hashes)
+
     def eval_batch_size(self, options: argparse.Namespace) -> int:
         return getattr(options, "batch_size", None) or max(1, min(self.cfg.batch_size, 8))
 

@@ -56,10 +56,10 @@ def evaluate(
     device: torch.device,
     n_hashes: int | None = None,
 ) -> dict[str, float]:
-    """``reformer eval``: the task's test batches (chosen by ``options``) through :meth:`Task.evaluate`."""
+    """``reformer eval``: the task's test evaluation (:meth:`Task.evaluate_test`, with ``options``)."""
     if getattr(options, "full_attention", False):
         use_full_attention(model)
-    return task.evaluate(model, task.test_batches(model, options), device, n_hashes)
+    return task.evaluate_test(model, options, device, n_hashes)
 
 
 def evaluate_run(
@@ -69,4 +69,6 @@ def evaluate_run(
     (``max_tokens=``, ``full_attention=``, ``batch_size=``, ``data=`` ...)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _, task, model = load_run(run, device)
-    return evaluate(task, model, eval_options(task, **options), device, n_hashes)
+    values = eval_options(task, **options)
+    values.run = str(run)
+    return evaluate(task, model, values, device, n_hashes)

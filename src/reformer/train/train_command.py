@@ -148,7 +148,7 @@ def start_config(known: argparse.Namespace, task: str) -> TrainConfig:
     cfg = preset_config(preset, task)
     layer = config_file(known.config) if known.config else {}
     run = {k: v for k, v in layer.items() if k not in NESTED}
-    model = typed.replace(cfg.model, layer.get("model", {}), "model")
+    model = typed.replace(cfg.model, layer.get("model", {}), f"--task {task} model")
     task_settings = typed.replace(cfg.task_settings, layer.get("task_settings", {}), f"--task {task}")
     return dataclasses.replace(cfg, **run, model=model, task_settings=task_settings)
 
