@@ -7,6 +7,7 @@ code outside the package).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 from .base import HELD_OUT_SEED, Batch, NoSettings, Objective, Preset, Task, TrainingError, use_full_attention
@@ -58,6 +59,15 @@ def get_task(name: str) -> type[Task]:
     return tasks[name]
 
 
+def tasks_with_setting(name: str) -> list[str]:
+    """The tasks whose own settings or model settings have a field ``name``."""
+    return [
+        task.name
+        for task in _load().values()
+        if any(f.name == name for cls in (task.Settings, task.Model) for f in dataclasses.fields(cls))
+    ]
+
+
 def presets() -> dict[str, Preset]:
     """Every task's presets by name."""
     found: dict[str, Preset] = {}
@@ -85,6 +95,7 @@ __all__ = [
     "register",
     "setting",
     "task_names",
+    "tasks_with_setting",
     "unregister",
     "use_full_attention",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import KEY_RULES, POSITION_KINDS, ReformerConfig, default_key_rule
 from ..models.seq2seq_config import CROSS_KINDS, Seq2SeqConfig
-from .settings import setting, to_dict
+from .settings import from_dict, setting, to_dict
 
 
 def _default(source: type, name: str) -> dict[str, Any]:
@@ -120,15 +120,11 @@ class ModelSettings:
             values["max_seq_len"] = None
         if values["lsh_key_rule"] is None:
             values["lsh_key_rule"] = default_key_rule(causal and values["causal"] is not False)
-        from .settings import from_dict
-
         return from_dict(type(self), values, "model")
 
     @classmethod
     def from_config(cls, config: ReformerConfig):
         """Settings that rebuild ``config`` exactly."""
-        from .settings import from_dict
-
         return from_dict(cls, config.to_dict(), "model")
 
 

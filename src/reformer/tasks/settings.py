@@ -145,9 +145,7 @@ def from_dict(cls: type, data: dict[str, Any], what: str):
 
 
 def _typed(hint: Any, value: Any) -> Any:
-    if isinstance(value, list) and _allows_tuple(hint):
-        return tuple(_typed(Any, v) if not isinstance(v, list) else tuple(v) for v in value)
-    return value
+    return tuple(value) if isinstance(value, list) and _allows_tuple(hint) else value
 
 
 def _allows_tuple(hint: Any) -> bool:

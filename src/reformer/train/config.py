@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import read_json_object
-from ..tasks import ModelSettings, Task, TrainingError, get_task, presets, task_names
+from ..tasks import ModelSettings, Task, TrainingError, get_task, presets, tasks_with_setting
 from ..tasks import settings as typed
 from ..tasks.settings import setting
 
@@ -138,16 +138,15 @@ def _as_settings(cls: type, value: Any, task: str, what: str):
     data = {} if value is None else value if isinstance(value, dict) else typed.to_dict(value)
     known = {f.name for f in dataclasses.fields(cls)}
     for name in data:
-        if name not in known:
-            owners = [t for t in task_names() if name in _field_names(get_task(t), what)]
-            if owners:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} is for --task {' / '.join(owners)}, not --task {task}")
+        if name not in known and tasks_with_setting(name):
+            raise ValueError(other_tasks_setting(name, task))
     return typed.from_dict(cls, data, f"--task {task} {what.replace('_', ' ')}")
 
 
-def _field_names(task: type[Task], what: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(task.Model if what == "model" else task.Settings)}
+def other_tasks_setting(name: str, task: str) -> str:
+    """The message for a setting of other tasks given to ``task``."""
+    flag = "--" + name.replace("_", "-")
+    return f"{flag} is for --task {' / '.join(tasks_with_setting(name))}, not --task {task}"
 
 
 def from_legacy_dict(data: dict[str, Any]) -> TrainConfig:
@@ -155,7 +154,7 @@ def from_legacy_dict(data: dict[str, Any]) -> TrainConfig:
     not have were ignored by it), ``"model"`` holding only what the preset and flags set. A run saved
     before ``lsh_key_rule`` existed keeps ``"chunks"``."""
     data = dict(data)
-    task = get_task(data.pop("task", "lm"))
+    task = get_task(data.pop("task", TrainConfig.task))
     model = {"lsh_key_rule": "chunks", **data.pop("model", {})}
     own = {f.name for f in dataclasses.fields(task.Settings)}
     task_settings = {k: data.pop(k) for k in LEGACY_TASK_KEYS if k in data and k in own}
@@ -171,6 +170,16 @@ def from_legacy_dict(data: dict[str, Any]) -> TrainConfig:
 def read_train_config(run: str | Path) -> TrainConfig:
     """The settings of the run folder ``run``."""
     return TrainConfig.from_dict(read_json_object(Path(run) / TRAIN_CONFIG_FILE, "the run folder is damaged"))
+
+
+def saved_task(run: str | Path) -> str | None:
+    """The task of the run folder ``run`` (None: no run there)."""
+    path = Path(run) / TRAIN_CONFIG_FILE
+    return (
+        read_json_object(path, "the run folder is damaged").get("task", TrainConfig.task)
+        if path.is_file()
+        else None
+    )
 
 
 def preset_config(name: str, task: str | None = None) -> TrainConfig:
@@ -193,7 +202,7 @@ def preset_config(name: str, task: str | None = None) -> TrainConfig:
 
 def default_preset(task: str | None) -> str:
     """The preset a task starts from when --preset is not given."""
-    return get_task(task or "lm").default_preset
+    return get_task(task or TrainConfig.task).default_preset
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

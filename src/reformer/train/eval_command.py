@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import read_json_object
 from ..tasks import TrainingError, get_task
-from .config import TRAIN_CONFIG_FILE, TrainConfig
+from .config import TrainConfig, saved_task
 from .runs import evaluate, load_run
 
 
@@ -25,15 +24,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def add_task_eval_arguments(p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     """The flags of the run's task (the first folder in ``argv``; a model folder: a language model)."""
     run = next((Path(a) for a in argv if not a.startswith("-") and Path(a).is_dir()), None)
-    name = TrainConfig.task
-    if run is not None and (run / TRAIN_CONFIG_FILE).is_file():
-        try:
-            name = read_json_object(run / TRAIN_CONFIG_FILE, "the run folder is damaged").get("task", name)
-            task = get_task(name)
-        except (ValueError, FileNotFoundError):
-            return  # reported when the command loads the run
-    else:
-        task = get_task(name)
+    try:
+        task = get_task((run and saved_task(run)) or TrainConfig.task)
+    except (ValueError, FileNotFoundError):
+        return  # reported when the command loads the run
     task.add_eval_arguments(p.add_argument_group(f"runs of --task {task.name}"))
 
 

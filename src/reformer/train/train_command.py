@@ -20,13 +20,14 @@ from .config import (
     FORMAT,
     LEGACY_TASK_KEYS,
     NESTED,
-    TRAIN_CONFIG_FILE,
     TrainConfig,
     TrainingError,
     default_preset,
     from_legacy_dict,
+    other_tasks_setting,
     preset_config,
     read_train_config,
+    saved_task,
 )
 from .loop import train
 from .runs import load_run
@@ -119,9 +120,7 @@ def choose_task(known: argparse.Namespace, resumed: str | None = None) -> str:
         if preset is not None:
             return preset.task
     if resumed is None and known.resume:
-        saved = Path(known.out or f"runs/{known.preset or known.task or 'tiny'}") / TRAIN_CONFIG_FILE
-        if saved.is_file():
-            resumed = read_json_object(saved, "the run folder is damaged").get("task")
+        resumed = saved_task(Path(known.out or f"runs/{known.preset or known.task or 'tiny'}"))
     return resumed or TrainConfig.task
 
 
@@ -159,15 +158,7 @@ def config_from_args(args: argparse.Namespace, resumed: str | None = None) -> Tr
     task = get_task(choose_task(args, resumed))
     foreign = sorted(k for k, v in vars(args).items() if k.startswith(FOREIGN) and v is not None)
     if foreign:
-        name = foreign[0][len(FOREIGN) :]
-        owners = [
-            t
-            for t in task_names()
-            if name in {f.name for c in _settings_classes(t) for f in dataclasses.fields(c)}
-        ]
-        raise ValueError(
-            f"--{name.replace('_', '-')} is for --task {' / '.join(owners)}, not --task {task.name}"
-        )
+        raise ValueError(other_tasks_setting(foreign[0][len(FOREIGN) :], task.name))
     cfg = start_config(args, task.name)
     layer = config_file(args.config) if args.config else {}
     run_given = typed.given(args, TrainConfig)
@@ -185,10 +176,6 @@ def config_from_args(args: argparse.Namespace, resumed: str | None = None) -> Tr
     cfg.model = cfg.model.with_changes(changes, cfg.seq_len, seq_len_given, task.causal)
     task.finish_config(cfg, {*run_given, *model_given, *task_given})
     return cfg
-
-
-def _settings_classes(task: str) -> tuple[type, type]:
-    return get_task(task).Model, get_task(task).Settings
 
 
 def resumed_config(args: argparse.Namespace, run: Path) -> TrainConfig:
