@@ -27,12 +27,12 @@ INIT_MODEL_FLAGS = ("d_model", "n_heads", "n_layers", "d_ff", "attn_layers")
 @dataclass
 class ClassifySettings(ClassifierSettings):
     data: list[str] = setting(
-        default_factory=list, metavar="PATH", path=True,
+        default_factory=list, metavar="PATH", path=True, unset="none; required",
         help="the training set: a .jsonl file or a folder with one sub-folder per class",
     )  # fmt: skip
     valid: list[str] = setting(
         default_factory=list, help="the held-out set (.jsonl or class folders)", nargs=1, metavar="PATH",
-        path=True,
+        path=True, unset="none; required",
     )  # fmt: skip
     init: str | None = setting(
         None, "start from this pretrained encoder or MLM run (its model settings; the classification head "

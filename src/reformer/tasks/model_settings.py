@@ -67,7 +67,9 @@ class ModelSettings:
         "position_embedding", "learned axial or fixed sinusoidal positions (docs/seq2seq.md)",
         choices=POSITION_KINDS,
     )  # fmt: skip
-    dropout: float = model_setting("dropout", "dropout after attention and feed-forward")
+    dropout: float = model_setting(
+        "dropout", "dropout of the embeddings and the attention and feed-forward outputs"
+    )
     attn_dropout: float = model_setting("attn_dropout")
     local_attn_dropout: float | None = model_setting("local_attn_dropout")
     activation: str = model_setting("activation")

@@ -253,7 +253,7 @@ def synthetic_batch(task: str, size: int, length: int, vocab: int, generator: to
 class PairsSettings:
     data: list[str] = setting(
         default_factory=list, help='JSON-lines files of {"source": ..., "target": ...} texts', metavar="PATH",
-        path=True,
+        path=True, unset="none; required",
     )  # fmt: skip
 
 
