@@ -347,3 +347,31 @@ def test_train_accepts_a_config_without_the_command_line(tmp_path, corpus_file):
 
     result = train(small_lm_config(corpus_file, steps=2), tmp_path / "run")
     assert result.step == 2 and set(result.metrics) == {"loss", "bits_per_byte"}
+
+
+def test_model_settings_have_every_model_config_field_with_its_default():
+    """Field for field (so a new ReformerConfig field cannot be missed); None only where the task or
+    the length decides."""
+    from reformer.config import ReformerConfig
+    from reformer.models import Seq2SeqConfig
+    from reformer.tasks import ModelSettings, Seq2SeqModelSettings
+
+    ours = {f.name: f for f in dataclasses.fields(Seq2SeqModelSettings)}
+    derived = {"vocab_size", "causal", "max_seq_len"}
+    for source in (ReformerConfig, Seq2SeqConfig):
+        for f in dataclasses.fields(source):
+            if f.name in (
+                "encoder",
+                "decoder",
+                "share_embeddings",
+                "decoder_start_id",
+                "eos_id",
+                "cross_hash_seed",
+            ):
+                continue
+            assert f.name in ours, f.name
+            if f.name not in derived and f.default is not dataclasses.MISSING:
+                assert ours[f.name].default == f.default, f.name
+    assert {f.name for f in dataclasses.fields(ModelSettings)} == {
+        f.name for f in dataclasses.fields(ReformerConfig)
+    }

@@ -121,7 +121,9 @@ class Task:
     # ---- data ------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Read the task's data (once, before the model is built; may record settings such as classes)."""
+        """Read the task's data: called once when training starts, before the model is built (may record
+        settings such as the classes). A run loaded for ``reformer eval`` or the report after training
+        is not prepared: what those use reads its data itself (a ``cached_property`` serves both)."""
 
     def describe(self) -> str:
         """One line on the data, printed when training starts."""
