@@ -93,9 +93,10 @@ class ReformerEmbeddings(nn.Module):
     """Token embedding plus position embedding, then dropout.
 
     ``position_embedding`` is ``"axial"`` (learned, :class:`AxialPositionEmbedding` over ``axial_shape`` /
-    ``axial_dims``) or ``"sinusoidal"`` (fixed, :class:`SinusoidalPositionEmbedding` with amplitude
+    ``axial_dims``), ``"sinusoidal"`` (fixed, :class:`SinusoidalPositionEmbedding` with amplitude
     ``sqrt(2) * init_std``: each component then has the root-mean-square of a token embedding at
-    initialisation, so neither drowns the other).
+    initialisation, so neither drowns the other), or ``"rotary"`` / ``"none"``: nothing is added here
+    (rotary positions act inside the attention layers).
 
     Shapes: ``input_ids`` ``(batch, length)`` int64 -> ``(batch, length, d_model)``; ``position_ids``
     ``(length,)`` or ``(batch, length)`` int64 (default ``0 .. length - 1``).
@@ -117,9 +118,12 @@ class ReformerEmbeddings(nn.Module):
             self.positions = SinusoidalPositionEmbedding(d_model, amplitude=math.sqrt(2.0) * init_std)
         elif position_embedding == "axial":
             self.positions = AxialPositionEmbedding(axial_shape, axial_dims)
+        elif position_embedding in ("rotary", "none"):
+            self.positions = None
         else:
             raise ValueError(
-                f"position_embedding={position_embedding!r} is unknown; use 'axial' or 'sinusoidal'"
+                f"position_embedding={position_embedding!r} is unknown; use 'axial', 'sinusoidal', "
+                "'rotary' or 'none'"
             )
         self.dropout = nn.Dropout(dropout)
 
@@ -127,6 +131,8 @@ class ReformerEmbeddings(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         tokens = self.tokens(input_ids)
+        if self.positions is None:
+            return self.dropout(tokens)
         if isinstance(self.positions, SinusoidalPositionEmbedding):
             return self.dropout(tokens + self.positions(position_ids, tokens.dtype))
         return self.dropout(tokens + self.positions(position_ids))

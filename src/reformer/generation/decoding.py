@@ -166,6 +166,7 @@ def prefill(
                 )
         else:
             q, k, v = (attn.split_heads(proj(h)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+            q, k = attn.rotate(q, k)
             if isinstance(attn, LocalSelfAttention):
                 out = local_attention(
                     q, k, v, chunk_size=attn.chunk_size, causal=True, attention_mask=attention_mask,
@@ -228,6 +229,7 @@ def decode_step(model: ReformerLM, cache: GenerationCache, next_ids: torch.Tenso
                 out = lsh_decode_step(layer, qk, v, lengths, max_length)
         else:
             q, k, v = (attn.split_heads(proj(h)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+            q, k = attn.rotate(q, k, lengths.view(-1, 1))
             if isinstance(attn, LocalSelfAttention):
                 out = local_decode_step(layer, q, k, v, lengths)
             else:
