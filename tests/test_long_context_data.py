@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from reformer.data import IGNORE_INDEX
-from reformer.tasks.associative_recall import query_gaps, recall_example
-from reformer.tasks.haystack import Filler, min_passkey_length, passkey_example
+from reformer.tasks.passkey import Filler, min_passkey_length, passkey_example
+from reformer.tasks.recall import query_gaps, recall_example
 
 NEEDLE_RE = re.compile(rb"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\. ")
 

@@ -22,6 +22,8 @@ MODULES = (
     "classify",
     "listops",
     "seq2seq",  # reverse, sort, pairs
+    "passkey",
+    "recall",
 )
 
 _TASKS: dict[str, type[Task]] = {}

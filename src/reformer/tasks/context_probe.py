@@ -33,7 +33,9 @@ def lsh_outputs_zeroed(model: nn.Module) -> Iterator[int]:
             handle.remove()
 
 
-def last_window(inputs: torch.Tensor, targets: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def last_window(
+    inputs: torch.Tensor, targets: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The last ``window`` positions of ``inputs`` and ``targets`` ``(batch, length)``: the context a model
     with a ``window``-token memory would see before the scored positions (which must lie inside it)."""
     if window < 1:

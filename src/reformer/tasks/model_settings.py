@@ -64,9 +64,10 @@ class ModelSettings:
     axial_pos_shape: tuple[int, ...] | None = model_setting("axial_pos_shape")
     axial_pos_dims: tuple[int, ...] | None = model_setting("axial_pos_dims")
     position_embedding: str = model_setting(
-        "position_embedding", "learned axial or fixed sinusoidal positions (docs/seq2seq.md)",
-        choices=POSITION_KINDS,
+        "position_embedding", "learned axial, fixed sinusoidal, rotary (local and exact layers; any length) "
+        "or none", choices=POSITION_KINDS,
     )  # fmt: skip
+    rotary_base: float = model_setting("rotary_base")
     dropout: float = model_setting(
         "dropout", "dropout of the embeddings and the attention and feed-forward outputs"
     )
