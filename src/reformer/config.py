@@ -81,6 +81,7 @@ class ReformerConfig:
     # "axial" (learned, the above), "sinusoidal" (fixed), "rotary" or "none" (the axial settings unused)
     position_embedding: str = "axial"
     rotary_base: float = 10000.0
+    token_shift: bool = False
     # regularisation and numerics
     dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -156,6 +157,8 @@ class ReformerConfig:
             )
         if self.position_embedding == "rotary" and self.d_head % 2:
             raise ValueError(f"position_embedding='rotary' needs an even d_head, got {self.d_head}")
+        if not isinstance(self.token_shift, bool):
+            raise ValueError(f"token_shift={self.token_shift!r} must be True or False")
         if not (isinstance(self.rotary_base, (int, float)) and self.rotary_base > 1):
             raise ValueError(f"rotary_base={self.rotary_base!r} must be a number above 1")
         if math.prod(self.axial_pos_shape) < self.max_seq_len:

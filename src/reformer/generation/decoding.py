@@ -32,6 +32,7 @@ class GenerationCache:
     max_length: int
     n_buckets: int | tuple[int, ...]
     n_hashes: int | None
+    last_ids: torch.Tensor | None = None  # (batch, 1): each row's newest token, for the token shift
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (allocated capacity, not just the used part)."""
@@ -186,8 +187,9 @@ def prefill(
     logits = _logits_at(model, y1, y2, lengths - 1)
     if not keep_cache:
         return logits, None
+    last_ids = ids.gather(1, (lengths - 1).clamp(min=0)[:, None])
     cache = GenerationCache(
-        caches, lengths.clone(), int(lengths.max()), settings.n_buckets, settings.n_hashes
+        caches, lengths.clone(), int(lengths.max()), settings.n_buckets, settings.n_hashes, last_ids
     )
     return logits, cache
 
@@ -217,7 +219,9 @@ def decode_step(model: ReformerLM, cache: GenerationCache, next_ids: torch.Tenso
             f"the cached sequence would exceed max_seq_len={model.config.max_seq_len}; "
             "generate with use_cache=False to slide a window over the context"
         )
-    x = model.embeddings(next_ids.view(-1, 1).long(), position_ids=lengths.view(-1, 1))
+    next_ids = next_ids.view(-1, 1).long()
+    x = model.embeddings(next_ids, position_ids=lengths.view(-1, 1), previous_ids=cache.last_ids)
+    cache.last_ids = next_ids
     y1, y2 = x, x
     for block, layer in zip(model.layers.blocks, cache.layers, strict=True):
         attn, h = block.attention, block.attn_norm(y2)

@@ -42,7 +42,7 @@ def build_embeddings(cfg: ReformerConfig) -> ReformerEmbeddings:
     """Token and position embeddings of a stack configured by ``cfg``."""
     return ReformerEmbeddings(
         cfg.vocab_size, cfg.d_model, cfg.axial_pos_shape, cfg.axial_pos_dims, cfg.dropout,
-        cfg.position_embedding, cfg.initializer_range,
+        cfg.position_embedding, cfg.initializer_range, cfg.token_shift,
     )  # fmt: skip
 
 

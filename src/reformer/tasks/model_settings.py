@@ -68,6 +68,9 @@ class ModelSettings:
         "or none", choices=POSITION_KINDS,
     )  # fmt: skip
     rotary_base: float = model_setting("rotary_base")
+    token_shift: bool = model_setting(
+        "token_shift", "half of each embedding from the previous token (associative recall learns at once)"
+    )
     dropout: float = model_setting(
         "dropout", "dropout of the embeddings and the attention and feed-forward outputs"
     )
