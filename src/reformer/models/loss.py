@@ -26,6 +26,11 @@ def chunked_cross_entropy(
     ``hidden``: ``(batch, length, 2 * d_model)``; ``head`` must be deterministic (no dropout): the
     backward pass calls it again."""
     dtype = loss_dtype(hidden.dtype) if dtype is None else dtype
+    counted = targets != ignore_index
+    if not torch.compiler.is_compiling() and not bool(counted.all()):
+        # Only the counted positions need logits: a task that scores a few answer tokens in a long
+        # sequence (passkey, recall) pays for those rows, not for length x n_classes.
+        hidden, targets = hidden[counted][None], targets[counted][None]
     total = hidden.new_zeros((), dtype=dtype)
     for h, t in zip(hidden.split(chunk_size, dim=1), targets.split(chunk_size, dim=1), strict=True):
         if not torch.is_grad_enabled():

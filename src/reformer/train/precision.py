@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+PRECISIONS = ("auto", "fp32", "bf16")
 HELP = (
     "auto: bf16 autocast where the device computes in bf16 natively (GPU; CPU with AVX512_BF16 or AMX), "
     "else fp32"
@@ -36,8 +37,8 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"bf16"`` or ``"fp32"`` for the setting ``precision`` (``"auto"``, ``"fp32"`` or ``"bf16"``) on
     ``device``."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision={precision!r} is unknown; use auto, fp32 or bf16")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown; use one of {PRECISIONS}")
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
