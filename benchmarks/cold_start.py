@@ -46,9 +46,9 @@ print(imported, *times)
 
 SAVE_TINY = r"""
 import sys, torch, reformer
-from reformer.train.config import PRESETS
+from reformer.tasks import presets
 torch.manual_seed(0)
-reformer.ReformerLM(reformer.ReformerConfig(vocab_size=256, max_seq_len=512, **PRESETS["tiny"]["model"])
+reformer.ReformerLM(reformer.ReformerConfig(vocab_size=256, max_seq_len=512, **presets()["tiny"].model)
                     ).save_pretrained(sys.argv[1])
 """
 

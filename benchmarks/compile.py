@@ -4,7 +4,7 @@ The model is the benchmark protocol's (DESIGN.md): byte-level LM, 6 reversible L
 d_ff 1024, 4 heads, bucket 64, 2 hashes, batch 1. Modes:
 
 * ``train``: ``model.loss(ids, ids)`` and its backward in train mode. The reversible stack is one eager
-  region for torch.compile; inside it every layer's attention and feed-forward run compiled code.
+  region for torch.compile; inside it every layer's attention runs compiled code.
 * ``infer``: the eval forward under ``torch.no_grad()``, ``fullgraph=True``.
 * ``eval-grad``: the eval-mode loss and its backward, ``fullgraph=True`` (one graph, no break).
 * ``layer``: one causal LSH attention layer with its projections (d_model 256, 4 heads of 64, bucket 64,

@@ -240,6 +240,12 @@ MUTATIONS = [
         "--precision auto takes bf16 on every AVX512 CPU, where bf16 is emulated and slow",
     ),
     Mutation(
+        "local-rotary-skipped", "attention/local.py",
+        "        q, k = self.rotate(q, k)\n", "",
+        "local layers built with rotary positions attend without them",
+        ("tests/test_rotary.py",),
+    ),
+    Mutation(
         "micro-batch-weights", "train/loop.py",
         "loss = objective(*batch) * (count * replicas / step_count)",
         "loss = objective(*batch) * (replicas / len(micro_batches))",

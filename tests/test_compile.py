@@ -56,11 +56,16 @@ def test_graph_breaks():
     torch._dynamo.reset()
 
 
+# Rotary positions rotate queries and keys in the local layers before the blocked attention core.
+POSITIONS = pytest.mark.parametrize("positions", ["axial", "rotary"])
+
+
 @pytest.mark.slow
-def test_fullgraph_inference_matches_eager():
+@POSITIONS
+def test_fullgraph_inference_matches_eager(positions):
     import torch._dynamo
 
-    model = _model().eval()
+    model = _model(position_embedding=positions).eval()
     ids, mask = _inputs()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
@@ -74,7 +79,8 @@ def test_fullgraph_inference_matches_eager():
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager():
+@POSITIONS
+def test_compiled_training_matches_eager(positions):
     """Loss and every parameter's gradient, fresh rotations per call (no hash_seed) and padding.
 
     Compiled with AOTAutograd but without Inductor's code generation: the graphs and their autograd
@@ -84,7 +90,7 @@ def test_compiled_training_matches_eager():
     """
     import torch._dynamo
 
-    model = _model().train()
+    model = _model(position_embedding=positions).train()
     ids, mask = _inputs()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
