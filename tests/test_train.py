@@ -199,23 +199,34 @@ def test_runs_refuse_to_overwrite_or_resume_nothing(tmp_path, corpus_file):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file):
     cfg = small_config(corpus_file, steps=5, save_every=5)
     train(cfg, tmp_path / "run")
-    good = load_file(tmp_path / "run" / "model.safetensors")
     poisoned = tmp_path / "run" / "checkpoints" / "step-00000005"
     weights = load_file(poisoned / "model.safetensors")
     weights["lm_head.bias"][0] = float("nan")
     from safetensors.torch import save_file
 
+    from reformer.train.checkpoints import write_manifest
+
     save_file(weights, poisoned / "model.safetensors")
+    write_manifest(poisoned)  # weights that make the loss NaN, written by the run itself
     with pytest.raises(TrainingError, match="loss became nan at step 6.*step-00000005"):
         train(small_config(corpus_file, steps=10, save_every=5), tmp_path / "run", resume=True)
     assert checkpoint_dirs(tmp_path / "run")[-1].name == "step-00000005"
-    assert all(torch.equal(good[k], v) for k, v in load_file(tmp_path / "run" / "model.safetensors").items())
+    saved = load_file(tmp_path / "run" / "model.safetensors")  # nothing written after the bad step
+    for name, value in saved.items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0, equal_nan=True)
 
 
 def test_damaged_checkpoint_is_reported(tmp_path, corpus_file, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(corpus_file), "--out", str(run), "--steps", "3", *SMALL_FLAGS]) == 0
-    (checkpoint_dirs(run)[-1] / "model.safetensors").write_bytes(b"garbage")
+    newest = checkpoint_dirs(run)[-1]
+    (newest / "model.safetensors").write_bytes(b"garbage")
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--no-sample"]) == 1
+    err = capsys.readouterr().err
+    assert f"no checkpoint of {run} passes verification" in err
+    assert "model.safetensors has 7 bytes, the manifest says" in err
+    assert checkpoint_dirs(run) == [newest]  # nothing is moved when nothing verifies
+    (newest / "manifest.json").unlink()  # as older versions wrote checkpoints: loading finds the damage
     assert main(["train", "--out", str(run), "--resume", "--steps", "6", "--no-sample"]) == 1
     assert "not a readable safetensors file" in capsys.readouterr().err
     (checkpoint_dirs(run)[-1] / "trainer_state.json").write_text("{")

@@ -235,7 +235,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = train(
             cfg, out, resume=args.resume, device=args.device, sequence_parallel=args.sequence_parallel
         )
-    except (TrainingError, FileNotFoundError, ValueError) as err:
+    except (TrainingError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) != 0:

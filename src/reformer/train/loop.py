@@ -22,12 +22,20 @@ from ..model import ReformerLM
 from ..models.seq2seq import ReformerEncoderDecoder
 from ..parallel import SequenceParallelLM
 from .batches import Batches
-from .checkpoints import checkpoint_dirs, load_checkpoint, restore_rng, rng_states, save_checkpoint
+from .checkpoints import (
+    checkpoint_dirs,
+    load_checkpoint,
+    restore_rng,
+    resume_checkpoint,
+    rng_states,
+    save_checkpoint,
+)
 from .config import SEQ2SEQ_TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
 from .distributed import Distributed, check_replicas
 from .encoder_tasks import TaskObjective, build_model
 from .evaluation import evaluate_batches
 from .metrics import MetricsLog, postfix, progress_bar
+from .run_lock import hold_run_lock
 from .seq2seq import Seq2SeqBatches, TeacherForced, evaluate_seq2seq
 
 
@@ -123,7 +131,8 @@ def train(
     """
     dist = Distributed.setup(device)
     try:
-        return _train(cfg, Path(out), resume, dist, sequence_parallel)
+        with hold_run_lock(out, dist):
+            return _train(cfg, Path(out), resume, dist, sequence_parallel)
     finally:
         dist.shutdown()
 
@@ -139,10 +148,10 @@ def _train(
             f"--batch-size {cfg.batch_size} must be a multiple of --grad-accum {cfg.grad_accum} x "
             f"{mesh.replicas} data-parallel replica(s)"
         )
-    existing = checkpoint_dirs(run)
-    if resume and not existing:
+    resume_from = resume_checkpoint(run, dist.is_main) if resume else None
+    if resume and resume_from is None and not (run / TRAIN_CONFIG_FILE).is_file():
         raise TrainingError(f"--resume: {run} holds no checkpoint to resume from; start without --resume")
-    if not resume and (existing or (run / TRAIN_CONFIG_FILE).exists()):
+    if not resume and (checkpoint_dirs(run) or (run / TRAIN_CONFIG_FILE).exists()):
         raise TrainingError(
             f"{run} already holds a run; pass --resume to continue it, or choose another --out"
         )
@@ -170,13 +179,15 @@ def _train(
     )  # fmt: skip
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0}
     if resume:
-        state, rng = load_checkpoint(existing[-1], model, optimizer, dist.device)
-        restore_rng(rng, batches)
-        if seq2seq:
-            batches.restore(state)
+        if resume_from is not None:
+            state, rng = load_checkpoint(resume_from, model, optimizer, dist.device)
+            restore_rng(rng, batches)
+            if seq2seq:
+                batches.restore(state)
         if dist.is_main:
             MetricsLog(run, cfg.task, enabled=True).truncate_after(state["step"])
-            print(f"resumed {run} at step {state['step']} from {existing[-1]}", file=sys.stderr)
+            where = resume_from or "its start (it stopped before its first checkpoint)"
+            print(f"resumed {run} at step {state['step']} from {where}", file=sys.stderr)
     elif dist.is_main:
         atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     if dist.is_main:
@@ -209,7 +220,7 @@ def _train(
     )
     held_out = batches.held_out()
     logger = MetricsLog(run, cfg.task, enabled=dist.is_main)
-    checkpoint, last_eval = (existing[-1] if resume else None), {}
+    checkpoint, last_eval = resume_from, {}
     tokens_per_step = cfg.batch_size * cfg.seq_len
     started, step_start = time.monotonic(), state["step"]
     bar = progress_bar(cfg, state["step"], dist.is_main)
