@@ -11,6 +11,9 @@ Exit status: 0 when every mutation is caught; 1 when one survives, times out or 
 snippet no longer matches its file exactly once (the code moved: update the snippet), which is checked
 for every mutation before anything runs.
 
+A mutation of code that the fast subset does not reach names its own tests, which run instead of the
+subset (and in the baseline); ``--tests`` overrides both.
+
 Usage (from the repository root; about 1-2 minutes per mutation on an idle 2-core machine):
 
     .venv/bin/python scripts/mutation_check.py                 # all mutations
@@ -59,6 +62,7 @@ class Mutation:
     old: str
     new: str
     description: str
+    tests: tuple[str, ...] = ()  # tests that reach this code, when the fast subset does not
 
 
 MUTATIONS = [
@@ -183,6 +187,13 @@ MUTATIONS = [
         "acc.add_(g)", "acc.copy_(g)",
         "feed-forward parameter gradients keep only the last chunk's",
     ),
+    Mutation(
+        "gather-backward-slice", "parallel/sequence.py",
+        "return grad.chunk(size, dim=1)[rank], None",
+        "return grad.chunk(size, dim=1)[(rank + 1) % size], None",
+        "sequence parallelism: the logits' all-gather hands each rank another rank's slice of the gradient",
+        ("tests/test_sequence_parallel.py::test_two_gloo_ranks_equal_one_process_and_share_checkpoints",),
+    ),
 ]  # fmt: skip
 
 
@@ -245,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a pytest target to run instead of the fast subset (repeat for several)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    explicit_tests = args.tests
     args.tests = args.tests or FAST_TESTS
 
     by_name = {m.name: m for m in MUTATIONS}
@@ -274,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         if not where.startswith(str(scratch)):
             print(f"the scratch copy is not the one imported (reformer comes from {where!r})")
             return 1
-        status, detail, seconds = run_tests(scratch / "src", args.tests, args.timeout)
+        own = [t for m in chosen for t in m.tests] if not explicit_tests else []
+        baseline = list(dict.fromkeys([*args.tests, *own]))
+        status, detail, seconds = run_tests(scratch / "src", baseline, args.timeout)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"baseline (no mutation): {status} in {seconds:.0f}s {detail}", flush=True)
@@ -285,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in chosen:
         scratch = scratch_copy(m)
+        tests = list(m.tests) if m.tests and not explicit_tests else args.tests
         try:
-            status, detail, seconds = run_tests(scratch / "src", args.tests, args.timeout)
+            status, detail, seconds = run_tests(scratch / "src", tests, args.timeout)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         verdict = {"failed": "CAUGHT", "passed": "SURVIVED"}.get(status, status.upper())
