@@ -194,6 +194,49 @@ MUTATIONS = [
         "sequence parallelism: the logits' all-gather hands each rank another rank's slice of the gradient",
         ("tests/test_sequence_parallel.py::test_two_gloo_ranks_equal_one_process_and_share_checkpoints",),
     ),
+    Mutation(
+        "checkpoint-folder-fsync", "train/checkpoints.py",
+        "        fsync_dir(tmp)\n", "\n",
+        "a checkpoint's folder is renamed into place without flushing its entries first",
+        ("tests/test_checkpoints.py::test_every_file_and_folder_is_flushed_before_and_after_the_rename",),
+    ),
+    Mutation(
+        "checkpoint-parent-fsync", "train/checkpoints.py",
+        "        os.replace(tmp, final)\n        fsync_dir(root)\n", "        os.replace(tmp, final)\n",
+        "the checkpoints folder is not flushed after the rename (the new name can vanish in a power cut)",
+        ("tests/test_checkpoints.py::test_every_file_and_folder_is_flushed_before_and_after_the_rename",),
+    ),
+    Mutation(
+        "torch-save-fsync", "train/checkpoints.py",
+        "        f.flush()\n        os.fsync(f.fileno())\n", "        f.flush()\n",
+        "optimizer.pt and rng.pt are not flushed before the rename (empty files after a power cut)",
+        ("tests/test_checkpoints.py::test_every_file_and_folder_is_flushed_before_and_after_the_rename",),
+    ),
+    Mutation(
+        "manifest-checksum-skipped", "train/checkpoints.py",
+        "        if digest != sha256:", "        if False:",
+        "verification compares sizes only: a flipped byte is resumed from",
+        ("tests/test_checkpoints.py",),
+    ),
+    Mutation(
+        "prune-trusts-damaged", "train/checkpoints.py",
+        "problem = None if folder == newest else checkpoint_problem(folder, checksums=False)",
+        "problem = None",
+        "pruning counts a damaged checkpoint as good, and deletes the last good one",
+        ("tests/test_checkpoints.py",),
+    ),
+    Mutation(
+        "shared-run-lock", "train/run_lock.py",
+        "fcntl.LOCK_EX | fcntl.LOCK_NB", "fcntl.LOCK_SH | fcntl.LOCK_NB",
+        "the run folder's lock is shared: two runs write one folder",
+        ("tests/test_run_lock.py",),
+    ),
+    Mutation(
+        "unbounded-jsonl-line", "jsonl.py",
+        "f.readline(max_line_bytes + 1)", "f.readline()",
+        "a JSON-lines file's line is read whole before its length is checked (10 GB into memory)",
+        ("tests/test_bad_data.py::test_a_huge_line_is_refused_after_a_bounded_read",),
+    ),
 ]  # fmt: skip
 
 

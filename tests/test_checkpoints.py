@@ -250,3 +250,43 @@ def test_cli_reports_a_write_error_without_a_traceback(tmp_path, corpus_file, mo
     assert "error: could not write checkpoint" in err and "Input/output error" in err
     assert "no earlier checkpoint exists" in err
     assert not list((run / "checkpoints").iterdir())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd")
+def test_every_file_and_folder_is_flushed_before_and_after_the_rename(tmp_path, corpus_file, monkeypatch):
+    """Replay the fsync and rename calls of a checkpoint save: when the temporary folder is renamed to
+    ``step-N``, every file in it and the folder itself were flushed, and the parent is flushed after."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.fspath(src), os.fspath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    train(small_config(corpus_file, steps=2, save_every=2), run)
+    monkeypatch.undo()
+    (final,) = checkpoint_dirs(run)
+    flushed: set[str] = set()
+    for i, event in enumerate(events):
+        if event[0] == "fsync":
+            flushed.add(event[1])
+        elif event[2] != str(final):  # a file renamed: its flushed data moves with it
+            if event[1] in flushed:
+                flushed.add(event[2])
+        else:
+            tmp = event[1]
+            assert tmp in flushed, "the temporary folder's entries were not flushed before its rename"
+            for name in os.listdir(final):
+                assert f"{tmp}/{name}" in flushed, f"{name} was not flushed before the rename"
+            later = [e[1] for e in events[i + 1 :] if e[0] == "fsync"]
+            assert later and later[0] == str(final.parent), "the parent folder was not flushed after the rename"
+            break
+    else:
+        pytest.fail("the checkpoint folder was never renamed into place")

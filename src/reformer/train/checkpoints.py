@@ -176,8 +176,14 @@ def _is_dead(pid: str) -> bool:
 
 def remove_leftovers(run: Path, announce: bool = False) -> None:
     """Remove the temporary folders of checkpoint writes and deletions that were interrupted (their
-    process is gone): an unfinished checkpoint is never one a run resumes from."""
+    process is gone): an unfinished checkpoint is never one a run resumes from. With ``announce`` (a
+    resumed run, which holds the run folder's lock) also the temporary files of the run folder's own
+    atomic writes."""
     root = Path(run) / CHECKPOINTS_DIR
+    if announce and Path(run).is_dir():
+        for path in Path(run).iterdir():
+            if path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file():
+                path.unlink()
     if not root.is_dir():
         return
     for path in root.iterdir():

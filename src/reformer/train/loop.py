@@ -31,7 +31,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import SEQ2SEQ_TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
-from .distributed import Distributed, check_replicas
+from .distributed import Distributed, check_replicas, peer_failures
 from .encoder_tasks import TaskObjective, build_model
 from .evaluation import evaluate_batches
 from .metrics import MetricsLog, postfix, progress_bar
@@ -131,7 +131,7 @@ def train(
     """
     dist = Distributed.setup(device)
     try:
-        with hold_run_lock(out, dist):
+        with hold_run_lock(out, dist), peer_failures(dist, out):
             return _train(cfg, Path(out), resume, dist, sequence_parallel)
     finally:
         dist.shutdown()
