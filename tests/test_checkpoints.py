@@ -286,7 +286,9 @@ def test_every_file_and_folder_is_flushed_before_and_after_the_rename(tmp_path, 
             for name in os.listdir(final):
                 assert f"{tmp}/{name}" in flushed, f"{name} was not flushed before the rename"
             later = [e[1] for e in events[i + 1 :] if e[0] == "fsync"]
-            assert later and later[0] == str(final.parent), "the parent folder was not flushed after the rename"
+            assert later and later[0] == str(final.parent), (
+                "the parent folder was not flushed after the rename"
+            )
             break
     else:
         pytest.fail("the checkpoint folder was never renamed into place")

@@ -29,3 +29,24 @@ def test_kills_at_random_instants_lose_nothing(tmp_path):
     assert tally["rounds"] >= 1 and tally["identical_rounds"] == tally["rounds"]
     assert tally["ddp_kills"] == 1 and tally["ddp_clear_errors"] == 1 and tally["ddp_identical"] is True
     assert max(tally["ddp_exit_seconds"]) < 60
+
+
+def test_a_dead_peers_error_becomes_one_clear_line():
+    from reformer.train import Distributed, TrainingError
+    from reformer.train.distributed import peer_failures
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:1681. This is typically caused by a remote worker crashing. Check the logs."
+    )
+    two = Distributed(rank=1, world_size=2)
+    with pytest.raises(TrainingError) as caught, peer_failures(two, "runs/x"):
+        raise gloo
+    assert str(caught.value) == (
+        "rank 1 of 2: another process of the job stopped (Connection closed by peer [127.0.0.1]:1681); "
+        "the checkpoints in runs/x are intact: restart the job with --resume"
+    )
+    for dist, error in ((Distributed(), gloo), (two, RuntimeError("CUDA out of memory"))):
+        with pytest.raises(RuntimeError) as caught, peer_failures(dist, "runs/x"):
+            raise error
+        assert caught.value is error  # one process, or not a peer's failure: unchanged

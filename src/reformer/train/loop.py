@@ -131,7 +131,7 @@ def train(
     """
     dist = Distributed.setup(device)
     try:
-        with hold_run_lock(out, dist), peer_failures(dist, out):
+        with peer_failures(dist, out), hold_run_lock(out, dist):
             return _train(cfg, Path(out), resume, dist, sequence_parallel)
     finally:
         dist.shutdown()
