@@ -239,7 +239,7 @@ def prune_checkpoints(run: Path, keep: int, newest: Path | None = None) -> None:
 
 def _write_error(err: BaseException, final: Path, run: Path, previous: Path | None) -> CheckpointWriteError:
     try:
-        free = f"; {shutil.disk_usage(final.parent).free / 2**20:,.0f} MiB free there"
+        free = f"; {shutil.disk_usage(final.parent).free / 2**20:,.1f} MiB free there"
     except OSError:
         free = ""
     reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
