@@ -143,9 +143,11 @@ def started_training(log: Path) -> bool:
 
 def attempt(args, rng, corpus, run, env, timing, logs, tally) -> bool:
     """One start of ``reformer train`` into ``run`` and one signal; returns whether the run finished.
-    ``timing``: (seconds to the first step, seconds of training) of the uninterrupted run."""
+    ``timing``: [seconds to the first step, seconds a step], updated from the attempts (the machine's
+    load changes), so that the random instants cover the start, the steps and the saves."""
     resume = (run / "train_config.json").is_file()
     before = newest_step(run)
+    train_window = (args.steps - max(before, 0)) * timing[1]
     name = rng.choice(args.signals)
     sig, aim = SIGNALS[name], rng.choice(["anytime", "in-training", "in-training", "in-save", "in-save"])
     log = logs / f"attempt-{tally['attempts']:04d}.log"
@@ -153,15 +155,16 @@ def attempt(args, rng, corpus, run, env, timing, logs, tally) -> bool:
     with open(log, "w") as err:
         proc = subprocess.Popen(train_command(args, corpus, run, args.steps, resume), env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
-        start = time.monotonic()
-        deadline = start + rng.uniform(0, sum(timing)) if aim == "anytime" else start + 3 * sum(timing)
+        start, first_step = time.monotonic(), None
+        deadline = start + (rng.uniform(0, timing[0] + train_window) if aim == "anytime" else 600)
         while proc.poll() is None and time.monotonic() < deadline:
             if aim == "in-save" and writing(run, proc.pid):
                 time.sleep(rng.uniform(0, 4 * args.pause))
                 break
-            if aim == "in-training" and started_training(log):
-                deadline = time.monotonic() + rng.uniform(0, timing[1])
-                aim = "in-training (started)"
+            if first_step is None and started_training(log):
+                first_step = time.monotonic()
+                if aim == "in-training":
+                    deadline = first_step + rng.uniform(0, train_window)
             time.sleep(0.005)
         twice = False
         if proc.poll() is None:
@@ -181,10 +184,14 @@ def attempt(args, rng, corpus, run, env, timing, logs, tally) -> bool:
             if proc.returncode != 0:
                 tally["kills"] += 1
                 tally["by_signal"][name + (" twice" if twice else "")] += 1
-                tally["by_aim"][aim.split(" ")[0]] += 1
+                tally["by_aim"][aim] += 1
                 tally["in_save"] += in_save
         else:
             proc.wait()
+    if first_step is not None:
+        timing[0] = (timing[0] + first_step - start) / 2
+        if proc.returncode == 0 and args.steps > max(before, 0):
+            timing[1] = (timing[1] + (time.monotonic() - first_step) / (args.steps - max(before, 0))) / 2
     text = log.read_text()
     tally["leftovers_removed"] += text.count("a checkpoint write that was interrupted")
     crashed = "Traceback" in text and "KeyboardInterrupt" not in text
@@ -207,6 +214,7 @@ def torture(args, work: Path, corpus: Path, env: dict, tally) -> None:
     print(
         f"uninterrupted run: {timing[0]:.1f} s to start, {args.steps} steps in {timing[1]:.1f} s", flush=True
     )
+    timing = [timing[0], timing[1] / args.steps]
     rng = random.Random(args.seed)
     rounds = 0
     while tally["kills"] < args.kills or rounds == 0 or tally["attempts"] == 0:
@@ -230,7 +238,8 @@ def torture(args, work: Path, corpus: Path, env: dict, tally) -> None:
                 f"{run.name}: final weights or optimiser state differ from the uninterrupted run"
             )
         print(f"{run.name}: {tally['kills']} signals so far, {len(tally['failures'])} failures, "
-              f"bit-identical: {same}", flush=True)  # fmt: skip
+              f"bit-identical: {same}; start {timing[0]:.1f} s, {timing[1]:.2f} s a step",
+              flush=True)  # fmt: skip
         if same and not args.keep:
             subprocess.run(["rm", "-rf", str(run)])
 
