@@ -162,23 +162,11 @@ def _torch_save(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _is_dead(pid: str) -> bool:
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def remove_leftovers(run: Path, announce: bool = False) -> None:
-    """Remove the temporary folders of checkpoint writes and deletions that were interrupted (their
-    process is gone): an unfinished checkpoint is never one a run resumes from. With ``announce`` (a
-    resumed run, which holds the run folder's lock) also the temporary files of the run folder's own
-    atomic writes."""
+    """Remove the temporary folders of checkpoint writes and deletions that were interrupted: an
+    unfinished checkpoint is never one a run resumes from. The caller holds the run folder's lock (no
+    other process writes there; process ids are not compared, as a restarted container reuses them).
+    With ``announce`` (a resumed run) also the temporary files of the run folder's own atomic writes."""
     root = Path(run) / CHECKPOINTS_DIR
     if announce and Path(run).is_dir():
         for path in Path(run).iterdir():
@@ -187,13 +175,10 @@ def remove_leftovers(run: Path, announce: bool = False) -> None:
     if not root.is_dir():
         return
     for path in root.iterdir():
-        if not (path.name.startswith(".step-") and path.is_dir()):
-            continue
-        for mark in (_TEMP_MARK, _DELETING_MARK):
-            if mark in path.name and (_is_dead(path.name.rsplit(mark, 1)[1]) or mark == _DELETING_MARK):
-                shutil.rmtree(path, ignore_errors=True)
-                if announce and mark == _TEMP_MARK:
-                    print(f"removed {path.name}, a checkpoint write that was interrupted", file=sys.stderr)
+        if path.name.startswith(".step-") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            if announce and _TEMP_MARK in path.name:
+                print(f"removed {path.name}, a checkpoint write that was interrupted", file=sys.stderr)
     fsync_dir(root)
 
 
