@@ -5,7 +5,9 @@ For each mutation below (one small, plausible bug: a file under ``src/``, an exa
 replacement, and what it breaks), this script copies ``src/`` to a scratch directory, plants that one
 bug, and runs a fast subset of the test suite against the copy (``PYTHONPATH=<scratch>/src``,
 ``pytest -x -q``, with a timeout). A mutation is *caught* when the tests fail and *survives* when they
-pass. The unmutated copy runs first and must pass, and must be the copy that gets imported.
+pass. A mutation may name the tests that should catch it instead (those of the training code). The
+unmutated copy runs first (the fast subset and every named test) and must pass, and must be the copy
+that gets imported.
 
 Exit status: 0 when every mutation is caught; 1 when one survives, times out or errors; 2 when a
 snippet no longer matches its file exactly once (the code moved: update the snippet), which is checked
@@ -62,7 +64,7 @@ class Mutation:
     old: str
     new: str
     description: str
-    tests: tuple[str, ...] = ()  # tests that reach this code, when the fast subset does not
+    tests: tuple[str, ...] = ()  # the tests that should catch it, instead of FAST_TESTS
 
 
 MUTATIONS = [
@@ -237,6 +239,44 @@ MUTATIONS = [
         "a JSON-lines file's line is read whole before its length is checked (10 GB into memory)",
         ("tests/test_bad_data.py::test_a_huge_line_is_refused_after_a_bounded_read",),
     ),
+    Mutation(
+        "micro-batch-weights", "train/loop.py",
+        "loss = objective(*batch) * (count * replicas / step_count)",
+        "loss = objective(*batch) * (replicas / len(micro_batches))",
+        "accumulated micro-batches weighted equally, not by their share of the step's counted targets",
+        ("tests/test_train.py::test_gradient_accumulation_weights_micro_batches_by_their_target_tokens",),
+    ),
+    Mutation(
+        "task-state-not-restored", "train/loop.py",
+        "        task.restore(state)\n", "",
+        "a resumed run does not hand the task its state back (the curriculum restarts)",
+        ("tests/test_tasks.py::test_a_registered_task_trains_evaluates_and_resumes_through_the_shared_commands",),
+    ),
+    Mutation(
+        "copy-accuracy-count", "tasks/copy.py",
+        "total_count += int(counted.sum())", "total_count += targets.numel()",
+        "copy-task accuracy divided by every position, not only the second copy's",
+        ("tests/test_tasks.py::test_copy_accuracy_counts_the_second_copy_only",),
+    ),
+    Mutation(
+        "macro-f1", "tasks/classification.py",
+        "scores.append(2 * tp / (2 * tp + fp + fn))", "scores.append(tp / (tp + fp + fn))",
+        "macro-F1 computed as the mean Jaccard index",
+        ("tests/test_encoder_tasks.py::test_macro_f1_against_hand_counts",),
+    ),
+    Mutation(
+        "legacy-key-rule", "train/config.py",
+        'model = {"lsh_key_rule": "chunks", **data.pop("model", {})}', 'model = data.pop("model", {})',
+        "runs saved before the LSH key rule was recorded load with the default rule, not the one they used",
+        ("tests/test_tasks.py::test_runs_saved_in_the_flat_layout_load_as_they_were_trained",),
+    ),
+    Mutation(
+        "learned-positions-length", "tasks/model_settings.py",
+        'values["axial_pos_shape"], values["axial_pos_dims"] = (seq_len,), (values["d_model"],)',
+        'values["axial_pos_dims"] = (values["d_model"],)',
+        "plain learned positions keep the preset's length when --seq-len changes",
+        ("tests/test_tasks.py::test_flags_over_a_preset_follow_the_rules_of_the_model_settings",),
+    ),
 ]  # fmt: skip
 
 
@@ -299,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
         help="a pytest target to run instead of the fast subset (repeat for several)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    explicit_tests = args.tests
-    args.tests = args.tests or FAST_TESTS
 
     by_name = {m.name: m for m in MUTATIONS}
     unknown = [n for n in args.names if n not in by_name]
@@ -329,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         if not where.startswith(str(scratch)):
             print(f"the scratch copy is not the one imported (reformer comes from {where!r})")
             return 1
-        own = [t for m in chosen for t in m.tests] if not explicit_tests else []
-        baseline = list(dict.fromkeys([*args.tests, *own]))
+        baseline = args.tests or list(dict.fromkeys([*FAST_TESTS, *(t for m in chosen for t in m.tests)]))
         status, detail, seconds = run_tests(scratch / "src", baseline, args.timeout)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -342,9 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in chosen:
         scratch = scratch_copy(m)
-        tests = list(m.tests) if m.tests and not explicit_tests else args.tests
         try:
-            status, detail, seconds = run_tests(scratch / "src", tests, args.timeout)
+            status, detail, seconds = run_tests(
+                scratch / "src", args.tests or list(m.tests) or FAST_TESTS, args.timeout
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         verdict = {"failed": "CAUGHT", "passed": "SURVIVED"}.get(status, status.upper())

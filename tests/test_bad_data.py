@@ -15,10 +15,10 @@ import pytest
 
 from reformer.cli import main
 from reformer.data import load_corpus
-from reformer.labelled import DataError, load_labelled
+from reformer.tasks.labelled import DataError, load_labelled
+from reformer.tasks.seq2seq import read_pairs
 from reformer.train import TrainingError, checkpoint_dirs
-from reformer.train.seq2seq import read_pairs
-from tests.test_train import SMALL_FLAGS
+from tests.conftest import SMALL_FLAGS
 
 TEN_GB = 10 * 2**30
 

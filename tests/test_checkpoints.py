@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from reformer.cli import main
 from reformer.train import TrainingError, checkpoint_dirs, train
 from reformer.train import checkpoints as ckpt
-from tests.test_train import SMALL_FLAGS, small_config
+from tests.conftest import SMALL_FLAGS, SMALL_MODEL
+from tests.conftest import small_lm_config as small_config
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +96,7 @@ def test_manifest_lists_every_file_and_catches_each_kind_of_damage(tmp_path, cor
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint_and_sets_it_aside(tmp_path, corpus_file, capsys):
-    cfg = dict(model={**small_config(None).model, "dropout": 0.1}, save_every=5)
+    cfg = dict(model={**SMALL_MODEL, "dropout": 0.1}, save_every=5)
     train(small_config(corpus_file, steps=15, **cfg), tmp_path / "straight")
     run = tmp_path / "run"
     train(small_config(corpus_file, steps=10, **cfg), run)

@@ -16,7 +16,8 @@ import pytest
 from reformer.cli import main
 from reformer.train import train
 from reformer.train.run_lock import LOCK_FILE, RunInUseError, RunLock
-from tests.test_train import SMALL_FLAGS, small_config
+from tests.conftest import SMALL_FLAGS
+from tests.conftest import small_lm_config as small_config
 
 HOLD = """
 import sys, time

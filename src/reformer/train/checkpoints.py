@@ -24,9 +24,7 @@ import torch
 
 from ..config import read_json_object
 from ..files import atomic_write, fsync_dir, fsync_file, make_dirs
-from ..model import ReformerLM
-from .batches import Batches
-from .config import TrainingError
+from ..tasks import TrainingError
 from .metrics import METRICS_FILE
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -237,7 +235,9 @@ def _write_error(err: BaseException, final: Path, run: Path, previous: Path | No
     )
 
 
-def save_checkpoint(run: Path, state: dict[str, Any], model: ReformerLM, optimizer, rng: dict, keep: int):
+def save_checkpoint(
+    run: Path, state: dict[str, Any], model: torch.nn.Module, optimizer, rng: dict, keep: int
+):
     """Write ``checkpoints/step-N`` crash-safely (temporary folder, fsync, manifest, rename, fsync),
     refresh the run folder's model files, and keep the newest ``keep`` good checkpoints. Returns the
     checkpoint folder. A write error raises :class:`CheckpointWriteError` with the older checkpoints
@@ -335,7 +335,9 @@ def resume_checkpoint(run: Path, is_main: bool = True) -> Path | None:
     return folder
 
 
-def load_checkpoint(folder: Path, model: ReformerLM, optimizer, device: torch.device) -> tuple[dict, dict]:
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer, device: torch.device
+) -> tuple[dict, dict]:
     """Restore weights and optimiser state from ``folder``; returns (trainer state, RNG states)."""
     fix = "move it out of checkpoints/ to resume from the one before"
     state = read_json_object(folder / TRAINER_STATE_FILE, f"the checkpoint is damaged; {fix}")
@@ -352,15 +354,16 @@ def load_checkpoint(folder: Path, model: ReformerLM, optimizer, device: torch.de
     return state, rng
 
 
-def rng_states(batches: Batches) -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state(), "data": batches.generator.get_state()}
+def rng_states(data: torch.Generator) -> dict[str, Any]:
+    """The global CPU (and CUDA) generator states and that of the training batches, ``data``."""
+    states = {"torch": torch.get_rng_state(), "data": data.get_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def restore_rng(states: dict[str, Any], batches: Batches) -> None:
+def restore_rng(states: dict[str, Any], data: torch.Generator) -> None:
     torch.set_rng_state(states["torch"])
-    batches.generator.set_state(states["data"])
+    data.set_state(states["data"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

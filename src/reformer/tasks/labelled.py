@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .jsonl import jsonl_values
+from ..jsonl import jsonl_values
 
 EXAMPLE_LINE = '{"text": "a great film", "label": "pos"}'
 # With --truncate a text may be longer than the model's length, but no line or file may exceed this.
