@@ -247,6 +247,12 @@ MUTATIONS = [
         ("tests/test_train.py::test_gradient_accumulation_weights_micro_batches_by_their_target_tokens",),
     ),
     Mutation(
+        "skipped-step-updates", "train/loop.py",
+        "            if not skipped:\n", "            if True:\n",
+        "a step skipped for its NaN loss still runs the optimiser (on whatever gradients it has)",
+        ("tests/test_train.py::test_skip_nonfinite_skips_the_update_counts_it_and_stops_past_its_budget",),
+    ),
+    Mutation(
         "task-state-not-restored", "train/loop.py",
         "        task.restore(state)\n", "",
         "a resumed run does not hand the task its state back (the curriculum restarts)",
