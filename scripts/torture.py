@@ -217,11 +217,15 @@ def torture(args, work: Path, corpus: Path, env: dict, tally) -> None:
     timing = [timing[0], timing[1] / args.steps]
     rng = random.Random(args.seed)
     rounds = 0
-    while tally["kills"] < args.kills or rounds == 0 or tally["attempts"] == 0:
+
+    def done() -> bool:
+        return tally["kills"] >= args.kills or time.monotonic() > args.deadline
+
+    while not done() or rounds == 0 or tally["attempts"] == 0:
         run = work / f"round-{rounds:03d}"
         rounds += 1
         while not attempt(args, rng, corpus, run, env, timing, logs, tally):
-            if tally["kills"] >= args.kills:  # the last round: finish it without signals
+            if done():  # the last round: finish it without signals
                 resume = (run / "train_config.json").is_file()
                 run_to_end(
                     train_command(args, corpus, run, args.steps, resume), env, logs / f"{run.name}-end.log"
@@ -324,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ddp-steps", type=int, default=24, help="steps of the 2-process job (default 24)")
     parser.add_argument("--ddp-timeout", type=float, default=60.0, help="seconds the job may take to exit")
+    parser.add_argument(
+        "--minutes", type=float, default=None,
+        help="send no signal after this many minutes (the round under way then finishes without one)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", help="folder for the runs (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep every round's run folder")
@@ -343,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
              "ddp_exit_seconds": [], "ddp_clear_errors": 0, "ddp_identical": None,
              "failures": []}  # fmt: skip
     start = time.monotonic()
+    args.deadline = start + 60 * args.minutes if args.minutes is not None else float("inf")
     torture(args, work, corpus, env, tally)
     if args.ddp_kills:
         ddp(args, work, corpus, env, tally)
