@@ -197,9 +197,11 @@ MUTATIONS = [
         ("tests/test_sequence_parallel.py::test_two_gloo_ranks_equal_one_process_and_share_checkpoints",),
     ),
     Mutation(
-        "checkpoint-folder-fsync", "train/checkpoints.py",
-        "        fsync_dir(tmp)\n", "\n",
-        "a checkpoint's folder is renamed into place without flushing its entries first",
+        "manifest-not-flushed", "train/checkpoints.py",
+        "atomic_write(folder / MANIFEST_FILE, lambda tmp: tmp.write_text(text))",
+        "(folder / MANIFEST_FILE).write_text(text)",
+        "the manifest is written in place, not flushed before the checkpoint's rename (an empty manifest "
+        "after a power cut)",
         ("tests/test_checkpoints.py::test_every_file_and_folder_is_flushed_before_and_after_the_rename",),
     ),
     Mutation(
