@@ -13,6 +13,9 @@ Exit status: 0 when every mutation is caught; 1 when one survives, times out or 
 snippet no longer matches its file exactly once (the code moved: update the snippet), which is checked
 for every mutation before anything runs.
 
+A mutation of code that the fast subset does not reach names its own tests, which run instead of the
+subset (and in the baseline); ``--tests`` overrides both.
+
 Usage (from the repository root; about 1-2 minutes per mutation on an idle 2-core machine):
 
     .venv/bin/python scripts/mutation_check.py                 # all mutations
@@ -246,11 +249,69 @@ MUTATIONS = [
         ("tests/test_rotary.py",),
     ),
     Mutation(
+        "gather-backward-slice", "parallel/sequence.py",
+        "return grad.chunk(size, dim=1)[rank], None",
+        "return grad.chunk(size, dim=1)[(rank + 1) % size], None",
+        "sequence parallelism: the logits' all-gather hands each rank another rank's slice of the gradient",
+        ("tests/test_sequence_parallel.py::test_two_gloo_ranks_equal_one_process_and_share_checkpoints",),
+    ),
+    Mutation(
+        "manifest-not-flushed", "train/checkpoints.py",
+        "atomic_write(folder / MANIFEST_FILE, lambda tmp: tmp.write_text(text))",
+        "(folder / MANIFEST_FILE).write_text(text)",
+        "the manifest is written in place, not flushed before the checkpoint's rename (an empty manifest "
+        "after a power cut)",
+        ("tests/test_checkpoints.py::test_every_file_and_folder_is_flushed_before_and_after_the_rename",),
+    ),
+    Mutation(
+        "checkpoint-parent-fsync", "train/checkpoints.py",
+        "        os.replace(tmp, final)\n        fsync_dir(root)\n", "        os.replace(tmp, final)\n",
+        "the checkpoints folder is not flushed after the rename (the new name can vanish in a power cut)",
+        ("tests/test_checkpoints.py::test_every_file_and_folder_is_flushed_before_and_after_the_rename",),
+    ),
+    Mutation(
+        "torch-save-fsync", "train/checkpoints.py",
+        "        f.flush()\n        os.fsync(f.fileno())\n", "        f.flush()\n",
+        "optimizer.pt and rng.pt are not flushed before the rename (empty files after a power cut)",
+        ("tests/test_checkpoints.py::test_every_file_and_folder_is_flushed_before_and_after_the_rename",),
+    ),
+    Mutation(
+        "manifest-checksum-skipped", "train/checkpoints.py",
+        "        if digest != sha256:", "        if False:",
+        "verification compares sizes only: a flipped byte is resumed from",
+        ("tests/test_checkpoints.py",),
+    ),
+    Mutation(
+        "prune-trusts-damaged", "train/checkpoints.py",
+        "problem = None if folder == newest else checkpoint_problem(folder, checksums=False)",
+        "problem = None",
+        "pruning counts a damaged checkpoint as good, and deletes the last good one",
+        ("tests/test_checkpoints.py",),
+    ),
+    Mutation(
+        "shared-run-lock", "train/run_lock.py",
+        "fcntl.LOCK_EX | fcntl.LOCK_NB", "fcntl.LOCK_SH | fcntl.LOCK_NB",
+        "the run folder's lock is shared: two runs write one folder",
+        ("tests/test_run_lock.py",),
+    ),
+    Mutation(
+        "unbounded-jsonl-line", "jsonl.py",
+        "f.readline(max_line_bytes + 1)", "f.readline()",
+        "a JSON-lines file's line is read whole before its length is checked (10 GB into memory)",
+        ("tests/test_bad_data.py::test_a_huge_line_is_refused_after_a_bounded_read",),
+    ),
+    Mutation(
         "micro-batch-weights", "train/loop.py",
         "loss = objective(*batch) * (count * replicas / step_count)",
         "loss = objective(*batch) * (replicas / len(micro_batches))",
         "accumulated micro-batches weighted equally, not by their share of the step's counted targets",
         ("tests/test_train.py::test_gradient_accumulation_weights_micro_batches_by_their_target_tokens",),
+    ),
+    Mutation(
+        "skipped-step-updates", "train/loop.py",
+        "            if not skipped:\n", "            if True:\n",
+        "a step skipped for its NaN loss still runs the optimiser (on whatever gradients it has)",
+        ("tests/test_train.py::test_skip_nonfinite_skips_the_update_counts_it_and_stops_past_its_budget",),
     ),
     Mutation(
         "task-state-not-restored", "train/loop.py",

@@ -1,7 +1,8 @@
 """Sequence parallelism over gloo processes equals one process on the same batch.
 
 Oracle: the same model (same weights, same RNG state) run in one process. Each spawned rank runs both
-and compares logits, loss and every parameter's gradient (fp32, 1e-5).
+and compares every public differentiable output (the logits and the loss) and every parameter's gradient
+through each of them (fp32, 1e-5): the model's loss, and a user's own loss on the logits.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def _run_case(case, group) -> None:
     logits_sp = sp(ids, mask)
     real = slice(None) if mask is None else mask.bool()
     torch.testing.assert_close(logits_sp[real], logits_one[real], rtol=1e-5, atol=1e-5)
+    # A user's own loss on the logits: its gradient flows back through the all-gather of the logits
+    # (and the real-tokens-first reordering), which the model's loss below never takes.
+    weights = torch.randn(logits_one.shape, generator=gen)
+    if mask is not None:
+        weights = weights * mask[..., None]  # padding positions' logits are not compared either
+
+    def user_loss(logits):
+        return (logits * weights).mean() + (logits.logsumexp(-1) * weights[..., 0]).square().mean()
+
+    user_loss(logits_one).backward()
+    user_loss(logits_sp).backward()
+    sp.sum_gradients()
+    _assert_same_gradients(single, parallel, "user loss on the logits")
+    for model in (single, sp):
+        model.zero_grad()
     torch.manual_seed(6)
     loss_one = single.loss(ids, targets, mask)
     loss_one.backward()
@@ -74,10 +90,14 @@ def _run_case(case, group) -> None:
     loss_sp.backward()
     sp.sum_gradients()
     torch.testing.assert_close(loss_sp, loss_one, rtol=1e-5, atol=1e-5)
+    _assert_same_gradients(single, parallel, "the model's loss")
+
+
+def _assert_same_gradients(single, parallel, what) -> None:
     for (name, p_one), p_sp in zip(single.named_parameters(), parallel.parameters(), strict=True):
         assert p_one.grad is not None, name
         torch.testing.assert_close(
-            p_sp.grad, p_one.grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            p_sp.grad, p_one.grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{what}, {n}: {m}"
         )
 
 

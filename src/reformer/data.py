@@ -155,7 +155,16 @@ def load_corpus(paths: Sequence[str | os.PathLike] | None = None) -> Corpus:
     held_out = [f for f in files if is_held_out(f, root)]
     if not held_out or len(held_out) == len(files):
         held_out = files[-max(1, round(len(files) * HELD_OUT_FRACTION)) :]  # too few files to hash
-    train = _concatenated([f for f in files if f not in held_out], "train")
+    train_files = [f for f in files if f not in held_out]
+    for split, group in (("training", train_files), ("held-out", held_out)):
+        if all(f.stat().st_size == 0 for f in group):
+            names = ", ".join(str(f) for f in group[:3]) + (
+                f" and {len(group) - 3} more" if len(group) > 3 else ""
+            )
+            raise ValueError(
+                f"--data: the {split} files ({names}) are all empty; remove the empty files or add text"
+            )
+    train = _concatenated(train_files, "train")
     test = _concatenated(held_out, "test")
     return Corpus(f"{len(files)} files under {root}", train, test, test)
 

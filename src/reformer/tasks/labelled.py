@@ -8,13 +8,16 @@ that ``truncate=True`` cuts texts longer than ``max_len`` bytes on purpose.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..jsonl import jsonl_values
+
 EXAMPLE_LINE = '{"text": "a great film", "label": "pos"}'
+# With --truncate a text may be longer than the model's length, but no line or file may exceed this.
+TRUNCATE_LIMIT_BYTES = 1 << 28
 
 
 class DataError(ValueError):
@@ -42,8 +45,12 @@ def label_names(found: Sequence[str]) -> list[str]:
     return names
 
 
-def read_examples(path: str | os.PathLike) -> list[tuple[str, str, str]]:
-    """``(text, label, where)`` for each example of a JSONL file or a class-per-folder tree."""
+def read_examples(
+    path: str | os.PathLike, max_text_bytes: int = TRUNCATE_LIMIT_BYTES
+) -> list[tuple[str, str, str]]:
+    """``(text, label, where)`` for each example of a JSONL file or a class-per-folder tree. A JSONL line
+    too long to hold a text of ``max_text_bytes`` bytes (or a text file over ``TRUNCATE_LIMIT_BYTES``) is
+    an error found without reading it whole."""
     path = Path(path)
     if path.is_dir():
         return _read_folder(path)
@@ -51,26 +58,16 @@ def read_examples(path: str | os.PathLike) -> list[tuple[str, str, str]]:
         raise DataError(
             f"{path} does not exist; give a .jsonl file or a folder with one sub-folder per class"
         )
-    return _read_jsonl(path)
+    # JSON escapes take at most 6 characters per byte of text; the rest is room for the label and
+    # other fields.
+    limit = min(6 * max_text_bytes + (1 << 16), TRUNCATE_LIMIT_BYTES)
+    fix = "shorten the text, pass --truncate to keep its first bytes, or train with a larger --seq-len"
+    return _read_jsonl(path, limit, fix if limit < TRUNCATE_LIMIT_BYTES else "shorten the text")
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, str, str]]:
+def _read_jsonl(path: Path, max_line_bytes: int, fix: str) -> list[tuple[str, str, str]]:
     examples = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from err
-    for n, line in enumerate(lines, 1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{where}: not valid JSON ({err.msg}); each line must be one object like {EXAMPLE_LINE}"
-            ) from err
+    for where, obj in jsonl_values(path, max_line_bytes, EXAMPLE_LINE, DataError, fix):
         if not isinstance(obj, dict):
             raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object like {EXAMPLE_LINE}")
         for key in ("text", "label"):
@@ -101,6 +98,12 @@ def _read_folder(root: Path) -> list[tuple[str, str, str]]:
         if not files:
             raise DataError(f"{folder} (class {folder.name!r}) holds no files; add examples or remove it")
         for file in files:
+            size = file.stat().st_size
+            if size > TRUNCATE_LIMIT_BYTES:  # not read: the length check of load_labelled needs no more
+                raise DataError(
+                    f"{file} has {size:,} bytes, over the {TRUNCATE_LIMIT_BYTES:,} an example may have; "
+                    "shorten it"
+                )
             try:
                 text = file.read_text(encoding="utf-8")
             except UnicodeDecodeError as err:
@@ -118,7 +121,7 @@ def load_labelled(
     """Read and check a labelled set. ``labels``: the run's classes (at evaluation, or for the
     validation set); None takes them from this file. Texts longer than ``max_len`` bytes are an error
     unless ``truncate`` (then they keep their first ``max_len`` bytes)."""
-    examples = read_examples(path)
+    examples = read_examples(path, TRUNCATE_LIMIT_BYTES if truncate else max_len)
     names = list(labels) if labels is not None else label_names([label for _, label, _ in examples])
     index = {name: i for i, name in enumerate(names)}
     out = LabelledSet([], [], names, [])

@@ -19,7 +19,6 @@ Held-out evaluation is always at the full length.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE_INDEX
+from ..jsonl import jsonl_values
 from ..models.seq2seq import ReformerEncoderDecoder, Seq2SeqConfig, shift_right
 from .base import Batch, Preset, Task, TrainingError
 from .model_settings import Seq2SeqModelSettings
@@ -38,6 +38,7 @@ from .settings import setting
 
 SYNTHETIC_VOCAB = 64  # symbols 1..63, 0 starts the decoder
 BYTE_START, BYTE_EOS, BYTE_VOCAB = 256, 257, 258
+PAIR_LINE = '{"source": "abc", "target": "cba"}'
 SOURCE_PAD = -1
 HELD_OUT_EVERY = 20
 CURRICULUM_WINDOW = 10
@@ -297,29 +298,33 @@ def read_pairs(paths: list[str], max_len: int) -> tuple[list[tuple[bytes, bytes]
     if not paths:
         raise TrainingError('--task pairs needs --data FILE.jsonl with one {"source", "target"} per line')
     train, held_out, index = [], [], 0
+    # JSON escapes take at most 6 characters per byte of text; the rest is room for other fields.
+    max_line_bytes = 12 * max_len + (1 << 16)
+    fix = "raise --seq-len or shorten the pair"
     for path in paths:
-        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+        if not Path(path).is_file():
+            raise TrainingError(f"--data {path} is not a file; give JSON-lines files of {PAIR_LINE}")
+        for where, record in jsonl_values(path, max_line_bytes, PAIR_LINE, TrainingError, fix):
             try:
-                record = json.loads(line)
                 source, target = record["source"].encode("utf-8"), record["target"].encode("utf-8")
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            except (KeyError, TypeError, AttributeError) as err:
                 raise TrainingError(
-                    f"{path}:{number} is not a JSON object with string fields source and target ({err})"
+                    f"{where} is not a JSON object with string fields source and target ({err!r}); each "
+                    f"line must be one object like {PAIR_LINE}"
                 ) from err
             if not source:
-                raise TrainingError(f"{path}:{number} has an empty source; every pair needs source bytes")
+                raise TrainingError(f"{where} has an empty source; every pair needs source bytes")
             if len(source) > max_len or len(target) + 1 > max_len:
                 raise TrainingError(
-                    f"{path}:{number}: source {len(source)} / target {len(target)} + 1 bytes exceed "
-                    f"--seq-len {max_len}; raise --seq-len or shorten the pair"
+                    f"{where}: source {len(source)} / target {len(target)} + 1 bytes exceed "
+                    f"--seq-len {max_len}; {fix}"
                 )
             (held_out if index % HELD_OUT_EVERY == 0 else train).append((source, target))
             index += 1
     if not train or not held_out:
         raise TrainingError(
-            f"{paths} hold {index} pairs; give at least 2 (every {HELD_OUT_EVERY}th is held out)"
+            f"--data {' '.join(map(str, paths))} holds {index} pair(s); give at least 2, one JSON object "
+            f"like {PAIR_LINE} per line (every {HELD_OUT_EVERY}th is held out)"
         )
     return train, held_out
 

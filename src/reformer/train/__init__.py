@@ -6,8 +6,10 @@ atomic and exactly resumable checkpoints, metrics (JSONL + PNG), and the ``train
 A run folder holds ``train_config.json`` (everything that defines the run), ``metrics.jsonl``,
 ``loss.png``, the latest weights as a model folder (``config.json`` + ``model.safetensors``, so
 ``ReformerLM.from_pretrained(run)`` works) and ``checkpoints/step-NNNNNNNN/`` folders with weights,
-optimiser state, RNG states and ``trainer_state.json``. A checkpoint folder is written under a
-temporary name and renamed when complete, so an interrupted save never leaves a half checkpoint.
+optimiser state, RNG states, ``trainer_state.json`` and a ``manifest.json`` of their sizes and checksums.
+A checkpoint folder is written under a temporary name, flushed to the disk and renamed when complete, so
+a crash never leaves a half checkpoint; ``--resume`` starts from the newest one that verifies. One
+process trains into a run folder at a time (``.lock``). See docs/reliability.md.
 """
 
 # Modules (this docstring is also `reformer train --help`'s description): config (run settings,

@@ -64,6 +64,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = setting(10, "steps between metrics lines")
     max_minutes: float | None = setting(None, "stop (and save) after this much wall time", unset="no limit")
+    skip_nonfinite: int = setting(
+        0,
+        "skip up to this many steps whose loss is NaN or infinite (no update; skipped_steps in "
+        "metrics.jsonl) before stopping",
+    )
     seed: int = setting(0, "seed of the weights, the data and the hash rotations")
     progress: bool = setting(True, "no progress bar", flag="--no-progress", action="store_false")
 
@@ -81,7 +86,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name in ("steps", "warmup"):
+        for name in ("steps", "warmup", "skip_nonfinite"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a non-negative integer")
         if not self.lr > 0:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +82,29 @@ class Distributed:
     def shutdown(self) -> None:
         if self.world_size > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+PEER_FAILURE_WORDS = ("gloo", "nccl", "connection", "broken pipe", "timed out")
+
+
+@contextlib.contextmanager
+def peer_failures(dist: Distributed, run: str | os.PathLike) -> Iterator[None]:
+    """Turn the error of a collective whose peer died (killed, crashed, out of memory) into a
+    :class:`TrainingError` saying so and how to continue, instead of the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        peer_lost = isinstance(err, getattr(torch_dist, "DistError", ())) or any(
+            word in text.lower() for word in PEER_FAILURE_WORDS
+        )
+        if dist.world_size == 1 or isinstance(err, TrainingError) or not peer_lost:
+            raise
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0]).split(". This is")[0]
+        raise TrainingError(
+            f"rank {dist.rank} of {dist.world_size}: another process of the job stopped ({detail}); the "
+            f"checkpoints in {run} are intact: restart the job with --resume"
+        ) from err
 
 
 @dataclass

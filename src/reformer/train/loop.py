@@ -20,11 +20,19 @@ import torch
 from ..files import atomic_write_text
 from ..parallel import SequenceParallelLM
 from ..tasks import Batch, Task
-from .checkpoints import checkpoint_dirs, load_checkpoint, restore_rng, rng_states, save_checkpoint
+from .checkpoints import (
+    checkpoint_dirs,
+    load_checkpoint,
+    restore_rng,
+    resume_checkpoint,
+    rng_states,
+    save_checkpoint,
+)
 from .config import TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
-from .distributed import Distributed, Mesh, check_replicas
+from .distributed import Distributed, Mesh, check_replicas, peer_failures
 from .metrics import MetricsLog, postfix, progress_bar
 from .precision import training_autocast
+from .run_lock import hold_run_lock
 
 
 class StopRequest:
@@ -119,7 +127,8 @@ def train(
     """
     dist = Distributed.setup(device)
     try:
-        return _train(cfg, Path(out), resume, dist, sequence_parallel)
+        with peer_failures(dist, out), hold_run_lock(out, dist):
+            return _train(cfg, Path(out), resume, dist, sequence_parallel)
     finally:
         dist.shutdown()
 
@@ -133,24 +142,24 @@ def _train(
         raise TrainingError(f"--task {cfg.task} does not support --sequence-parallel; use data parallelism")
     mesh = dist.mesh(sequence_parallel)
     micro = micro_batch_size(cfg, mesh)
-    existing = check_run_folder(run, resume)
+    resume_from = check_run_folder(run, resume, dist.is_main)
     torch.manual_seed(cfg.seed)
     task.prepare()  # before the model: a task may record settings (its classes, a pretrained model's)
     model = task.build_model().to(dist.device)
     optimizer = adamw(cfg, model, dist.device)
     sampler = torch.Generator().manual_seed(cfg.seed)  # the training batches' generator
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0}
-    if resume:
-        state, rng = load_checkpoint(existing[-1], model, optimizer, dist.device)
+    if resume_from is not None:
+        state, rng = load_checkpoint(resume_from, model, optimizer, dist.device)
         restore_rng(rng, sampler)
         task.restore(state)
-    announce(cfg, task, model, run, existing[-1] if resume else None, state["step"], dist)
+    announce(cfg, task, model, run, resume, resume_from, state["step"], dist)
     net = SequenceParallelLM(model, mesh.sequence_group) if sequence_parallel > 1 else model
     objective = data_parallel(task.objective(net), dist, mesh)
     autocast = training_autocast(cfg.precision, dist.device)
     held_out = task.held_out()
     logger = MetricsLog(run, task.loss_in_bits, enabled=dist.is_main)
-    checkpoint, last_eval = (existing[-1] if resume else None), {}
+    checkpoint, last_eval = resume_from, {}
     tokens_per_step = cfg.batch_size * cfg.seq_len
     started, step_start = time.monotonic(), state["step"]
     bar = progress_bar(cfg, state["step"], dist.is_main)
@@ -181,20 +190,27 @@ def _train(
             total = accumulate_gradients(objective, micro_batches, counts, dist, autocast, sequence_parallel)
             if sequence_parallel > 1:
                 net.sum_gradients()
-            check_finite(total, step, lr, checkpoint)
-            if cfg.clip is not None:
-                clip_gradients(model, cfg.clip)
-            optimizer.step()
+            skipped = skip_nonfinite(total, step, lr, checkpoint, state, cfg.skip_nonfinite)
+            if not skipped:
+                if cfg.clip is not None:
+                    clip_gradients(model, cfg.clip)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
-            message = task.after_step(total, step)
+            message = None if skipped else task.after_step(total, step)
+            if skipped:
+                message = (
+                    f"step {step}: loss {total}; skipped without an update ({state['skipped_steps']} of "
+                    f"--skip-nonfinite {cfg.skip_nonfinite})"
+                )
+                logger.log({"step": step, "split": "skipped", "loss": str(total), **skipped})
             if message and dist.is_main:
                 print(message, file=sys.stderr)
             state.update(task.state())
             state["tokens_seen"] += tokens_per_step
             elapsed = time.monotonic() - started
             tokens_per_s = (step - step_start) * tokens_per_step / max(elapsed, 1e-9)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if not skipped and (step % cfg.log_every == 0 or step == cfg.steps):
                 logger.log(
                     {"step": step, "split": "train", "loss": total, "lr": lr, "tokens_per_s": tokens_per_s}
                 )
@@ -236,14 +252,25 @@ def adamw(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> tor
     )  # fmt: skip
 
 
-def check_finite(loss: float, step: int, lr: float, checkpoint: Path | None) -> None:
-    """Stop before the optimiser step of a NaN or infinite loss, naming the last good checkpoint."""
-    if not math.isfinite(loss):
-        where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
-        raise TrainingError(
-            f"loss became {loss} at step {step + 1} (lr {lr:.3g}); stopped without saving{where}. "
-            "Lower --lr, raise --warmup or set --clip, then --resume"
-        )
+def skip_nonfinite(
+    loss: float, step: int, lr: float, checkpoint: Path | None, state: dict[str, Any], budget: int
+) -> dict[str, int] | None:
+    """None for a finite loss. A NaN or infinite one (the same on every process) skips the optimiser
+    step while fewer than ``budget`` steps were skipped (``state["skipped_steps"]`` counts them; returns
+    the count for the metrics), else stops the run before the update, naming the last good checkpoint."""
+    if math.isfinite(loss):
+        return None
+    skipped = state.get("skipped_steps", 0)
+    if skipped < budget:
+        state["skipped_steps"] = skipped + 1
+        return {"skipped_steps": skipped + 1}
+    where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+    after = f" after {skipped} skipped step(s) (--skip-nonfinite {budget})" if budget else ""
+    raise TrainingError(
+        f"loss became {loss} at step {step + 1} (lr {lr:.3g}){after}; stopped without saving{where}. "
+        "Lower --lr, raise --warmup or set --clip, then --resume (--skip-nonfinite N skips up to N such "
+        "steps)"
+    )
 
 
 def micro_batch_size(cfg: TrainConfig, mesh: Mesh) -> int:
@@ -257,29 +284,33 @@ def micro_batch_size(cfg: TrainConfig, mesh: Mesh) -> int:
     return micro
 
 
-def check_run_folder(run: Path, resume: bool) -> list[Path]:
-    """The run's checkpoints; a resumed run needs one, a new run an empty folder."""
-    existing = checkpoint_dirs(run)
-    if resume and not existing:
-        raise TrainingError(f"--resume: {run} holds no checkpoint to resume from; start without --resume")
-    if not resume and (existing or (run / TRAIN_CONFIG_FILE).exists()):
+def check_run_folder(run: Path, resume: bool, is_main: bool) -> Path | None:
+    """The checkpoint a resumed run starts from (the newest that verifies; None when the run stopped
+    before its first one); a new run needs an empty folder."""
+    if resume:
+        resume_from = resume_checkpoint(run, is_main)
+        if resume_from is None and not (run / TRAIN_CONFIG_FILE).is_file():
+            raise TrainingError(f"--resume: {run} holds no checkpoint to resume from; start without --resume")
+        return resume_from
+    if checkpoint_dirs(run) or (run / TRAIN_CONFIG_FILE).exists():
         raise TrainingError(
             f"{run} already holds a run; pass --resume to continue it, or choose another --out"
         )
-    return existing
+    return None
 
 
 def announce(
-    cfg: TrainConfig, task: Task, model: torch.nn.Module, run: Path, resumed: Path | None, step: int,
-    dist: Distributed,
+    cfg: TrainConfig, task: Task, model: torch.nn.Module, run: Path, resume: bool, resumed: Path | None,
+    step: int, dist: Distributed,
 ) -> None:  # fmt: skip
     """On the main process: write ``train_config.json`` (a new run) or drop the metrics logged after the
     resumed checkpoint, and print the data and the model."""
     if not dist.is_main:
         return
-    if resumed is not None:
+    if resume:
         MetricsLog(run, task.loss_in_bits, enabled=True).truncate_after(step)
-        print(f"resumed {run} at step {step} from {resumed}", file=sys.stderr)
+        where = resumed or "its start (it stopped before its first checkpoint)"
+        print(f"resumed {run} at step {step} from {where}", file=sys.stderr)
     else:
         atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     print(f"data: {task.describe()}\nmodel: {task.describe_model(model)}", file=sys.stderr)

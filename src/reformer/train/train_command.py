@@ -34,7 +34,9 @@ from .runs import load_run
 
 OPTIMISER_SETTINGS = ("lr", "warmup", "schedule", "cosine_steps", "weight_decay", "clip")
 # Settings a resumed run may change; everything else must match the saved run.
-RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "max_minutes", "progress")
+RESUMABLE_OVERRIDES = (
+    "steps", "eval_every", "save_every", "log_every", "max_minutes", "skip_nonfinite", "progress"
+)  # fmt: skip
 FOREIGN = "other_task."  # the dest prefix of the flags of other tasks (refused with their tasks named)
 
 
@@ -263,7 +265,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = train(
             cfg, out, resume=args.resume, device=args.device, sequence_parallel=args.sequence_parallel
         )
-    except (TrainingError, FileNotFoundError, ValueError) as err:
+    except (TrainingError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) != 0:
