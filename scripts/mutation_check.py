@@ -49,6 +49,10 @@ FAST_TESTS = [
     "tests/test_model.py::test_padding_does_not_change_real_token_outputs",
     "tests/test_model.py::test_axial_position_embedding_is_the_row_major_broadcast_concatenation",
     "tests/test_hf.py",
+    "tests/test_data_tokens.py",
+    "tests/test_data_tokenizer.py",
+    "tests/test_data_fasta.py",
+    "tests/test_data_images.py",
 ]
 
 
@@ -182,6 +186,48 @@ MUTATIONS = [
         "ff-chunk-grad-accumulation", "feedforward.py",
         "acc.add_(g)", "acc.copy_(g)",
         "feed-forward parameter gradients keep only the last chunk's",
+    ),
+    Mutation(
+        "complement-table", "data/fasta.py",
+        "COMPLEMENT = np.array([3, 2, 1, 0, 4, SEPARATOR]",
+        "COMPLEMENT = np.array([2, 3, 0, 1, 4, SEPARATOR]",
+        "reverse complement pairs A with G and C with T",
+    ),
+    Mutation(
+        "complement-not-reversed", "data/fasta.py",
+        "return torch.from_numpy(COMPLEMENT)[ids.flip(-1)]", "return torch.from_numpy(COMPLEMENT)[ids]",
+        "the other strand is complemented but not read backwards",
+    ),
+    Mutation(
+        "separator-target", "data/fasta.py",
+        "return targets.masked_fill(targets == SEPARATOR, IGNORE_INDEX)", "return targets",
+        "the record separator is a target: bits per base count non-bases",
+    ),
+    Mutation(
+        "fastq-quality-length", "data/fasta.py",
+        "if len(quality) != len(bases):", "if len(quality) > len(bases):",
+        "a FASTQ record with fewer quality values than bases is accepted",
+    ),
+    Mutation(
+        "token-id-range", "data/tokens.py",
+        "if low < 0 or high >= vocab_size:", "if low < 0 or high > vocab_size:",
+        "id == vocab_size passes the check (an embedding index out of range later)",
+    ),
+    Mutation(
+        "bin-dtype-width", "data/tokens.py",
+        "if size % width:", "if size % 2:",
+        "a uint32 file of 6 bytes is accepted: its last id is silently cut",
+    ),
+    Mutation(
+        "bits-per-token-not-byte", "data/tokenizer.py",
+        "return int(self.tokenizer.byte_lengths[counted].sum())", "return len(counted)",
+        "a tokenized corpus counts tokens, not the bytes they spell: bits per token reported as per byte",
+    ),
+    Mutation(
+        "raster-order-planar", "data/images.py",
+        "return pixels.reshape(*pixels.shape[:-3], -1).long()",
+        "return pixels.movedim(-1, -3).reshape(*pixels.shape[:-3], -1).long()",
+        "sub-pixels in planar order (all R, then G, then B) instead of RGB per pixel",
     ),
 ]  # fmt: skip
 

@@ -111,6 +111,17 @@ def run_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def add_tokenizer(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer tokenizer train``: a byte-level BPE (HF tokenizers) trained offline on text files."""
+    from .data import tokenizer_command
+
+    help = "train a subword tokenizer (byte-level BPE) for --tokenizer, offline"
+    description = "Subword tokenizers for `reformer train --tokenizer DIR` (needs the [tokenizers] extra)."
+    register(
+        subparsers, "tokenizer", help, description, tokenizer_command.add_arguments, tokenizer_command.run
+    )
+
+
 # One entry per subcommand: an ``add_<name>`` function that calls :func:`register`.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_train,
@@ -119,6 +130,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_convert,
     add_generate,
     add_predict,
+    add_tokenizer,
 )
 
 
