@@ -129,11 +129,11 @@ class ImageSet:
         return 3 * self.size * self.size
 
     def describe(self) -> str:
-        kind = "random crops of" if self.crops else ""
+        kind = "random crops of " if self.crops else ""
         return (
-            f"{self.name}: {kind} {len(self.train)} train / {len(self.test)} held-out images, "
+            f"{self.name}: {kind}{len(self.train)} train / {len(self.test)} held-out images, "
             f"{self.size}x{self.size}x3 = {self.length:,} tokens each"
-        ).replace(":  ", ": ")
+        )
 
     def split(self, split: str) -> list[np.ndarray]:
         if split not in ("train", "valid", "test"):
