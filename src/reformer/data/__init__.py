@@ -1,10 +1,10 @@
 """Corpora and data formats: ``bytes`` (files, enwik8, the default corpus), ``tokens`` (``.npy`` /
 ``.bin`` token ids), ``tokenizer`` (text through an HF ``tokenizers`` BPE), ``fasta`` (genomes) and
 ``images`` (PNG/JPEG), chosen by :func:`load_data` from the registry in :mod:`.registry`; the windows a
-model trains on; the copy task.
+model trains on.
 
 Modules: paths (cache folder, file lists, the split by file), corpus (the ``Corpus`` of a token stream
-and its windows), byte_corpus, tokens, tokenizer, fasta, images (one per format), registry, copy_task.
+and its windows), byte_corpus, tokens, tokenizer, fasta, images (one per format), registry.
 """
 
 from .byte_corpus import (
@@ -17,7 +17,6 @@ from .byte_corpus import (
     default_corpus_files,
     load_corpus,
 )
-from .copy_task import COPY_SYMBOLS, copy_task_batch
 from .corpus import (
     IGNORE_INDEX,
     Corpus,
@@ -36,7 +35,6 @@ from .tokens import TokenCorpus, check_ids, load_tokens, open_token_file
 
 __all__ = [
     "COPY_BLOCK",
-    "COPY_SYMBOLS",
     "ENWIK8_BYTES",
     "ENWIK8_TRAIN",
     "ENWIK8_VALID",
@@ -54,7 +52,6 @@ __all__ = [
     "cache_dir",
     "check_ids",
     "contiguous_windows",
-    "copy_task_batch",
     "decode_bytes",
     "default_corpus",
     "default_corpus_files",

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
-from ..model import ReformerLM
-from .config import TrainingError
+from ..tasks import TrainingError
 
 
 @dataclass
@@ -93,7 +92,7 @@ class Mesh:
     sequence_group: object
 
 
-def check_replicas(model: ReformerLM, dist: Distributed) -> None:
+def check_replicas(model: torch.nn.Module, dist: Distributed) -> None:
     """Fail loudly if DDP replicas drifted apart: they must stay bit-identical."""
     import hashlib
 
