@@ -36,7 +36,9 @@ def test_model_embedding_equals_the_definition_and_changes_the_outputs():
     model = ReformerLM(_config()).eval()
     ids = torch.randint(0, 31, (2, 20))
     table = model.embeddings.tokens.weight
-    expected = torch.cat([table[ids][..., :16], torch.cat([torch.zeros(2, 1, 16), table[ids][:, :-1, 16:]], 1)], -1)
+    expected = torch.cat(
+        [table[ids][..., :16], torch.cat([torch.zeros(2, 1, 16), table[ids][:, :-1, 16:]], 1)], -1
+    )
     torch.testing.assert_close(model.embeddings(ids), expected)
     plain = ReformerLM(_config(token_shift=False)).eval()
     plain.load_state_dict(model.state_dict())
@@ -51,7 +53,9 @@ def test_left_padding_leaves_real_outputs_unchanged():
     padded = torch.cat([torch.zeros(1, 6, dtype=torch.long), row], 1)
     mask = torch.cat([torch.zeros(1, 6), torch.ones(1, 17)], 1).long()
     with torch.no_grad():
-        torch.testing.assert_close(model(padded, attention_mask=mask)[:, 6:], model(row), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(padded, attention_mask=mask)[:, 6:], model(row), rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("key_rule", ["own_bucket", "chunks"])
@@ -65,7 +69,9 @@ def test_cached_decoding_equals_recomputation(key_rule):
     new = 20 if key_rule == "own_bucket" else 3
     for attention_mask in (None, mask):
         cached = model.generate(prompt, new, temperature=0, attention_mask=attention_mask, use_cache=True)
-        recomputed = model.generate(prompt, new, temperature=0, attention_mask=attention_mask, use_cache=False)
+        recomputed = model.generate(
+            prompt, new, temperature=0, attention_mask=attention_mask, use_cache=False
+        )
         assert torch.equal(cached, recomputed)
 
 

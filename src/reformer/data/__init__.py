@@ -4,7 +4,8 @@
 model trains on.
 
 Modules: paths (cache folder, file lists, the split by file), corpus (the ``Corpus`` of a token stream
-and its windows), byte_corpus, tokens, tokenizer, fasta, images (one per format), registry.
+and its windows), byte_corpus, tokens, tokenizer, fasta, images (one per format), registry, codec (how a
+model folder spells its ids).
 """
 
 from .byte_corpus import (
@@ -17,6 +18,7 @@ from .byte_corpus import (
     default_corpus_files,
     load_corpus,
 )
+from .codec import DATA_FORMAT_FILE, load_codec, save_codec
 from .corpus import (
     IGNORE_INDEX,
     Corpus,
@@ -31,10 +33,11 @@ from .images import ImageSet, load_images, save_grid
 from .paths import HELD_OUT_FRACTION, cache_dir, is_held_out
 from .registry import FORMATS, DataFormat, detect_format, load_data
 from .tokenizer import TokenizedCorpus, Tokenizer, load_tokenized, load_tokenizer, train_tokenizer
-from .tokens import TokenCorpus, check_ids, load_tokens, open_token_file
+from .tokens import TOKEN_DTYPES, TokenCorpus, check_ids, load_tokens, open_token_file
 
 __all__ = [
     "COPY_BLOCK",
+    "DATA_FORMAT_FILE",
     "ENWIK8_BYTES",
     "ENWIK8_TRAIN",
     "ENWIK8_VALID",
@@ -42,6 +45,7 @@ __all__ = [
     "FORMATS",
     "HELD_OUT_FRACTION",
     "IGNORE_INDEX",
+    "TOKEN_DTYPES",
     "Corpus",
     "DataFormat",
     "GenomeCorpus",
@@ -59,6 +63,7 @@ __all__ = [
     "detect_format",
     "encode_text",
     "is_held_out",
+    "load_codec",
     "load_corpus",
     "load_data",
     "load_fasta",
@@ -70,6 +75,7 @@ __all__ = [
     "random_windows",
     "read_records",
     "reverse_complement",
+    "save_codec",
     "save_grid",
     "train_tokenizer",
     "windows_at",

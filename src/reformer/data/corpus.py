@@ -28,6 +28,7 @@ class Corpus:
     test: np.ndarray
     vocab_size: int = 256
     unit: str = "byte"
+    codec = "bytes"  # how a model folder spells ids (data/codec.py)
 
     @property
     def metric(self) -> str:

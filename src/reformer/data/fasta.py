@@ -197,6 +197,8 @@ class GenomeCorpus(Corpus):
     """Bases and record separators; training windows are reverse-complemented with probability
     ``reverse_complement`` (both strands are read)."""
 
+    codec = "fasta"
+
     def __init__(self, name: str, train, valid, test, reverse_complement: float = 0.5) -> None:
         super().__init__(name, train, valid, test, DNA_VOCAB, "base")
         self.reverse_complement = reverse_complement

@@ -113,6 +113,7 @@ class ImageSet:
     squares ``(n, S, S, 3)`` uint8 or, with ``crops=True``, source photos to draw random crops from."""
 
     unit = "dim"
+    codec = "images"
     metric = "bits_per_dim"
     vocab_size = IMAGE_VOCAB
 

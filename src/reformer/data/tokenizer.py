@@ -191,6 +191,8 @@ class TokenizedCorpus(Corpus):
     """Text through a tokenizer: ids ``0 .. tokenizer.vocab_size - 1``; the metric is bits per byte of
     the text the predicted tokens spell."""
 
+    codec = "tokenizer"
+
     def __init__(self, name: str, train, valid, test, tokenizer: Tokenizer, text_bytes: int) -> None:
         super().__init__(name, train, valid, test, tokenizer.vocab_size, "byte")
         self.tokenizer, self.text_bytes = tokenizer, text_bytes

@@ -33,6 +33,8 @@ CHECK_BLOCK = 1 << 24  # ids per block when checking and copying
 class TokenCorpus(Corpus):
     """Token ids with no text view: text in and out is the ids as decimal numbers."""
 
+    codec = "tokens"
+
     def encode(self, text: str) -> torch.Tensor:
         """``"15496 11 995"`` -> ``tensor([15496, 11, 995])``: token files carry no tokenizer, so a
         prompt is given as ids (or name one with ``--tokenizer``)."""
