@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data import FORMATS, TOKEN_DTYPES, load_data, save_codec
-from .base import Batch, Preset, Task, TrainingError
+from .base import Batch, Preset, Task
 from .settings import setting
 
 DATA_HELP = (
@@ -120,10 +120,7 @@ class LanguageModelTask(Task):
 
     @cached_property
     def corpus(self):
-        try:
-            return self.settings.load()
-        except (ValueError, FileNotFoundError, ImportError) as err:
-            raise TrainingError(str(err)) from err
+        return self._load(None)
 
     @property
     def vocab_size(self) -> int:
@@ -177,11 +174,13 @@ class LanguageModelTask(Task):
         size = self.eval_batch_size(options)
         return corpus.sequential("test", self.cfg.seq_len, size, options.max_tokens)
 
-    def _load(self, data: list[str]):
+    def _load(self, data: list[str] | None):
+        """The corpus of the run's data settings (``data``: other paths); a missing extra is a
+        ``ValueError`` too, so every command reports it as bad input."""
         try:
-            return self.settings.load([str(Path(p).resolve()) for p in data])
-        except (ValueError, FileNotFoundError, ImportError) as err:
-            raise TrainingError(str(err)) from err
+            return self.settings.load(None if data is None else [str(Path(p).resolve()) for p in data])
+        except ImportError as err:
+            raise ValueError(str(err)) from err
 
     def report(self, model: nn.Module, device: torch.device) -> list[str]:
         if self.corpus.codec == "images":
