@@ -270,6 +270,37 @@ MUTATIONS = [
         "plain learned positions keep the preset's length when --seq-len changes",
         ("tests/test_tasks.py::test_flags_over_a_preset_follow_the_rules_of_the_model_settings",),
     ),
+    Mutation(
+        "lm-metric-per-token", "tasks/lm.py",
+        "total_units += corpus.units(targets)", "total_units += count",
+        "a tokenizer run reports bits per token as bits per byte",
+        ("tests/test_lm_formats.py::test_a_tokenizer_run_reports_bits_per_byte_of_the_text_and_generates_through_it",),
+    ),
+    Mutation(
+        "run-folder-without-format", "train/loop.py",
+        "    task.save_files(run)\n", "",
+        "a run folder keeps no data format: generate reads a token-file model's prompt as bytes",
+        ("tests/test_lm_formats.py::test_a_bin_token_file_trains_evaluates_in_bits_per_token_and_generates_ids",),
+    ),
+    Mutation(
+        "tokenizer-spell-first-byte", "data/codec.py",
+        "return self.tokenizer.token_bytes[token]", "return self.tokenizer.token_bytes[token][:1]",
+        "generate streams only the first byte of each subword token",
+        ("tests/test_lm_formats.py::test_a_tokenizer_run_reports_bits_per_byte_of_the_text_and_generates_through_it",),
+    ),
+    Mutation(
+        "image-start-sampled", "generation/images.py",
+        '            logits[:, START] = float("-inf")\n', "",
+        "image sampling may draw the start token as a sub-pixel",
+        ("tests/test_lm_formats.py::test_image_sampling_never_emits_the_start_token",),
+    ),
+    Mutation(
+        "image-prompt-rows", "generation/images.py",
+        "given = image_to_ids(prompt.copy())[: 3 * size * rows]",
+        "given = image_to_ids(prompt.copy())[: size * rows]",
+        "an image completion keeps a third of the prompt's rows (pixels, not sub-pixels, counted)",
+        ("tests/test_lm_formats.py::test_an_image_run_samples_whole_images_and_completes_prompts",),
+    ),
 ]  # fmt: skip
 
 
