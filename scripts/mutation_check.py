@@ -60,6 +60,10 @@ FAST_TESTS = [
     "tests/test_model.py::test_chunked_loss_gradients_equal_those_of_the_plain_loss",
     "tests/test_cold_start.py",
     "tests/test_precision.py",
+    "tests/test_data_tokens.py",
+    "tests/test_data_tokenizer.py",
+    "tests/test_data_fasta.py",
+    "tests/test_data_images.py",
 ]
 
 
@@ -301,6 +305,48 @@ MUTATIONS = [
         ("tests/test_bad_data.py::test_a_huge_line_is_refused_after_a_bounded_read",),
     ),
     Mutation(
+        "complement-table", "data/fasta.py",
+        "COMPLEMENT = np.array([3, 2, 1, 0, 4, SEPARATOR]",
+        "COMPLEMENT = np.array([2, 3, 0, 1, 4, SEPARATOR]",
+        "reverse complement pairs A with G and C with T",
+    ),
+    Mutation(
+        "complement-not-reversed", "data/fasta.py",
+        "return torch.from_numpy(COMPLEMENT)[ids.flip(-1)]", "return torch.from_numpy(COMPLEMENT)[ids]",
+        "the other strand is complemented but not read backwards",
+    ),
+    Mutation(
+        "separator-target", "data/fasta.py",
+        "return targets.masked_fill(targets == SEPARATOR, IGNORE_INDEX)", "return targets",
+        "the record separator is a target: bits per base count non-bases",
+    ),
+    Mutation(
+        "fastq-quality-length", "data/fasta.py",
+        "if len(quality) != len(bases):", "if len(quality) > len(bases):",
+        "a FASTQ record with fewer quality values than bases is accepted",
+    ),
+    Mutation(
+        "token-id-range", "data/tokens.py",
+        "if low < 0 or high >= vocab_size:", "if low < 0 or high > vocab_size:",
+        "id == vocab_size passes the check (an embedding index out of range later)",
+    ),
+    Mutation(
+        "bin-dtype-width", "data/tokens.py",
+        "if size % width:", "if size % 2:",
+        "a uint32 file of 6 bytes is accepted: its last id is silently cut",
+    ),
+    Mutation(
+        "bits-per-token-not-byte", "data/tokenizer.py",
+        "return int(self.tokenizer.byte_lengths[counted].sum())", "return len(counted)",
+        "a tokenized corpus counts tokens, not the bytes they spell: bits per token reported as per byte",
+    ),
+    Mutation(
+        "raster-order-planar", "data/images.py",
+        "return pixels.reshape(*pixels.shape[:-3], -1).long()",
+        "return pixels.movedim(-1, -3).reshape(*pixels.shape[:-3], -1).long()",
+        "sub-pixels in planar order (all R, then G, then B) instead of RGB per pixel",
+    ),
+    Mutation(
         "micro-batch-weights", "train/loop.py",
         "loss = objective(*batch) * (count * replicas / step_count)",
         "loss = objective(*batch) * (replicas / len(micro_batches))",
@@ -343,6 +389,37 @@ MUTATIONS = [
         'values["axial_pos_dims"] = (values["d_model"],)',
         "plain learned positions keep the preset's length when --seq-len changes",
         ("tests/test_tasks.py::test_flags_over_a_preset_follow_the_rules_of_the_model_settings",),
+    ),
+    Mutation(
+        "lm-metric-per-token", "tasks/lm.py",
+        "total_units += corpus.units(targets)", "total_units += count",
+        "a tokenizer run reports bits per token as bits per byte",
+        ("tests/test_lm_formats.py::test_a_tokenizer_run_reports_bits_per_byte_of_the_text_and_generates_through_it",),
+    ),
+    Mutation(
+        "run-folder-without-format", "train/loop.py",
+        "    task.save_files(run)\n", "",
+        "a run folder keeps no data format: generate reads a token-file model's prompt as bytes",
+        ("tests/test_lm_formats.py::test_a_bin_token_file_trains_evaluates_in_bits_per_token_and_generates_ids",),
+    ),
+    Mutation(
+        "tokenizer-spell-first-byte", "data/codec.py",
+        "return self.tokenizer.token_bytes[token]", "return self.tokenizer.token_bytes[token][:1]",
+        "generate streams only the first byte of each subword token",
+        ("tests/test_lm_formats.py::test_a_tokenizer_run_reports_bits_per_byte_of_the_text_and_generates_through_it",),
+    ),
+    Mutation(
+        "image-start-sampled", "generation/images.py",
+        '            logits[:, START] = float("-inf")\n', "",
+        "image sampling may draw the start token as a sub-pixel",
+        ("tests/test_lm_formats.py::test_image_sampling_never_emits_the_start_token",),
+    ),
+    Mutation(
+        "image-prompt-rows", "generation/images.py",
+        "given = image_to_ids(prompt.copy())[: 3 * size * rows]",
+        "given = image_to_ids(prompt.copy())[: size * rows]",
+        "an image completion keeps a third of the prompt's rows (pixels, not sub-pixels, counted)",
+        ("tests/test_lm_formats.py::test_an_image_run_samples_whole_images_and_completes_prompts",),
     ),
     Mutation(
         "rotary-pair-sign", "attention/rotary.py",

@@ -254,11 +254,10 @@ def test_damaged_checkpoint_is_reported(tmp_path, corpus_file, capsys):
 
 
 def test_cli_errors_name_the_bad_value(tmp_path, capsys):
-    assert (
+    with pytest.raises(SystemExit):  # the data is read before the run folder is made
         main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"), *SMALL_FLAGS])
-        == 1
-    )
     assert "missing.txt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     with pytest.raises(SystemExit):
         main(["train", "--batch-size", "0", "--out", str(tmp_path / "r2")])
     assert "batch_size=0" in capsys.readouterr().err

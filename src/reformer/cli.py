@@ -53,8 +53,9 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
 
     help = "held-out metrics of a run: bits per byte on the test split, accuracy, ..."
     description = (
-        "Evaluate a run folder on its task's test data; the last line is bits_per_byte=X or accuracy=X\n"
-        "(macro_f1=X for classifiers). The run's task adds flags: reformer eval RUN --help lists them."
+        "Evaluate a run folder on its task's test data; the last line is bits_per_byte=X (bits_per_token,\n"
+        "bits_per_base, bits_per_dim for other data formats) or accuracy=X (macro_f1=X for classifiers).\n"
+        "The run's task adds flags: reformer eval RUN --help lists them."
     )
     register(
         subparsers, "eval", help, description, train.add_eval_arguments, train.run_eval,
@@ -66,10 +67,11 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     """``reformer generate``: stream text sampled from a model folder, with the incremental cache."""
     from . import generation
 
-    help = "sample text from a model or run folder, streamed to stdout (cached incremental decoding)"
+    help = "sample text (or images) from a model or run folder, streamed to stdout (cached decoding)"
     description = (
-        "Byte-level generation: the prompt's UTF-8 bytes are the ids (plus --id-offset); the\n"
-        "continuation is streamed to stdout as it is produced, a summary line goes to stderr."
+        "The prompt is encoded as the run's data (UTF-8 bytes, plus --id-offset for byte models without\n"
+        "a data format; a run's tokenizer; bases; token ids) and the continuation is streamed to stdout\n"
+        "as it is produced, a summary line to stderr. Image models: --images N --out grid.png."
     )
     register(subparsers, "generate", help, description, generation.add_arguments, generation.run)
 
@@ -125,6 +127,17 @@ def run_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def add_tokenizer(subparsers: argparse._SubParsersAction) -> None:
+    """``reformer tokenizer train``: a byte-level BPE (HF tokenizers) trained offline on text files."""
+    from .data import tokenizer_command
+
+    help = "train a subword tokenizer (byte-level BPE) for --tokenizer, offline"
+    description = "Subword tokenizers for `reformer train --tokenizer DIR` (needs the [tokenizers] extra)."
+    register(
+        subparsers, "tokenizer", help, description, tokenizer_command.add_arguments, tokenizer_command.run
+    )
+
+
 # One entry per subcommand: an ``add_<name>`` function that calls :func:`register`.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_train,
@@ -133,6 +146,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_convert,
     add_generate,
     add_predict,
+    add_tokenizer,
 )
 
 

@@ -1,4 +1,6 @@
-"""``reformer generate``: byte-level text from a model or run folder, streamed to stdout."""
+"""``reformer generate``: text from a model or run folder, streamed to stdout, encoded and spelled as
+the run's data format (bytes, a tokenizer, bases, token ids; :mod:`reformer.data.codec`); whole images
+to a PNG grid for image models."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..data import DATA_FORMAT_FILE, load_codec
+from ..data.images import centre_square, read_image, save_grid
 from ..model import ReformerLM
 from .streaming import stream
 
@@ -23,12 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint", help="a model folder (save_pretrained) or a `reformer train` run folder"
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the prompt text (UTF-8)")
+    source.add_argument("--prompt", help="the prompt text (UTF-8; bases for DNA, ids for token files)")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this file (bytes as they are)")
     source.add_argument("--source", help="encoder-decoder models: the source text (UTF-8) to decode from")
     source.add_argument(
         "--source-file", type=Path, help="encoder-decoder models: read the source from a file"
     )
+    source.add_argument("--images", type=int, metavar="N", help="image models: sample N whole images")
+    parser.add_argument("--out", type=Path, help="with --images: the PNG grid to write")
+    parser.add_argument(
+        "--complete", type=Path, metavar="IMAGE",
+        help="with --images: every sample starts with this image's top --rows rows",
+    )  # fmt: skip
+    parser.add_argument("--rows", type=int, default=0, help="with --complete: the rows kept (default 0)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
@@ -42,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--id-offset", type=int, default=None,
-        help="token id of byte b is b + offset (default: 2 for a 258-token vocabulary, HF's enwik8, else 0)",
+        help="byte models: token id of byte b is b + offset (default: 2 for a 258-token vocabulary, HF's "
+        "enwik8, else 0)",
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
@@ -52,23 +64,30 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from .seq2seq import run_source
 
         return run_source(args, parser)
-    try:
-        model = ReformerLM.from_pretrained(args.checkpoint, map_location=args.device)
-        data = args.prompt.encode("utf-8") if args.prompt is not None else args.prompt_file.read_bytes()
-    except (FileNotFoundError, ValueError, OSError) as err:
-        parser.error(str(err))
-    vocab = model.config.vocab_size
-    offset = args.id_offset if args.id_offset is not None else (ENWIK8_OFFSET if vocab == ENWIK8_VOCAB else 0)
-    if not data:
-        parser.error("the prompt is empty; give at least one byte")
-    if offset + 255 >= vocab:
-        parser.error(
-            f"byte ids need vocab_size >= {offset + 256} with --id-offset {offset}; the model has {vocab}"
-        )
-    ids = torch.tensor([list(data)], dtype=torch.long, device=args.device) + offset
+    if args.images is None and (args.out is not None or args.complete is not None):
+        parser.error("--out and --complete go with --images N")
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    try:
+        model = ReformerLM.from_pretrained(args.checkpoint, map_location=args.device)
+        vocab = model.config.vocab_size
+        offset = args.id_offset
+        if (
+            offset is None
+            and vocab == ENWIK8_VOCAB
+            and not (Path(args.checkpoint) / DATA_FORMAT_FILE).exists()
+        ):
+            offset = ENWIK8_OFFSET
+        codec = load_codec(args.checkpoint, vocab, offset)
+        if args.images is not None:
+            return _images(args, parser, model, codec, generator)
+        data = args.prompt.encode("utf-8") if args.prompt is not None else args.prompt_file.read_bytes()
+        if not data:
+            parser.error("the prompt is empty; give at least one byte")
+        ids = torch.tensor([codec.encode(data)], dtype=torch.long, device=args.device)
+    except (FileNotFoundError, ValueError, OSError, ImportError) as err:
+        parser.error(str(err))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = sys.stdout
     info: dict[str, int] = {}
@@ -81,10 +100,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )  # fmt: skip
         for next_ids in tokens:
             count += 1
-            value = int(next_ids[0]) - offset
-            if 0 <= value < 256:
-                out.write(decoder.decode(bytes([value])))
-                out.flush()
+            out.write(decoder.decode(codec.spell(int(next_ids[0]))))
+            out.flush()
         out.write(decoder.decode(b"", final=True) + "\n")
         out.flush()
     except ValueError as err:
@@ -94,5 +111,32 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     elapsed = time.perf_counter() - start
     cache = f", cache {info['cache_bytes'] / 2**20:.1f} MiB" if "cache_bytes" in info else ""
-    print(f"[{count} tokens in {elapsed:.2f} s, prompt {len(data)} tokens{cache}]", file=sys.stderr)
+    print(f"[{count} tokens in {elapsed:.2f} s, prompt {ids.shape[1]} tokens{cache}]", file=sys.stderr)
+    return 0
+
+
+def _images(args, parser, model, codec, generator) -> int:
+    """``--images N --out grid.png``: whole images sampled from an image model, as one PNG grid."""
+    from .images import sample_images
+
+    if codec.format != "images":
+        parser.error(
+            f"--images needs a model trained on the images format; {args.checkpoint} reads {codec.format}"
+        )
+    if args.out is None:
+        parser.error("--images N needs --out grid.png")
+    prompt = centre_square(read_image(args.complete), codec.size) if args.complete is not None else None
+    if args.rows and prompt is None:
+        parser.error("--rows needs --complete IMAGE")
+    start = time.perf_counter()
+    images = sample_images(
+        model, args.images, codec.size, args.temperature, args.top_k, args.top_p, generator, prompt,
+        args.rows, args.n_hashes,
+    )  # fmt: skip
+    save_grid(images, args.out)
+    elapsed = time.perf_counter() - start
+    print(
+        f"wrote {args.out}: {args.images} images of {codec.size}x{codec.size} in {elapsed:.1f} s",
+        file=sys.stderr,
+    )
     return 0

@@ -125,6 +125,10 @@ class Task:
         settings such as the classes). A run loaded for ``reformer eval`` or the report after training
         is not prepared: what those use reads its data itself (a ``cached_property`` serves both)."""
 
+    def save_files(self, folder: Path) -> None:
+        """Write what the task keeps beside the model in the run folder (its data format, a tokenizer),
+        once the data is read; called on the main process when a run starts or resumes."""
+
     def describe(self) -> str:
         """One line on the data, printed when training starts."""
         return f"{self.name} task, length {self.cfg.seq_len}"

@@ -304,7 +304,7 @@ def announce(
     step: int, dist: Distributed,
 ) -> None:  # fmt: skip
     """On the main process: write ``train_config.json`` (a new run) or drop the metrics logged after the
-    resumed checkpoint, and print the data and the model."""
+    resumed checkpoint, the task's files (:meth:`Task.save_files`), and print the data and the model."""
     if not dist.is_main:
         return
     if resume:
@@ -313,6 +313,7 @@ def announce(
         print(f"resumed {run} at step {step} from {where}", file=sys.stderr)
     else:
         atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    task.save_files(run)
     print(f"data: {task.describe()}\nmodel: {task.describe_model(model)}", file=sys.stderr)
 
 

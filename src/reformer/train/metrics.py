@@ -17,14 +17,14 @@ PLOT_FILE = "loss.png"
 
 
 def postfix(loss: float, last_eval: dict, tokens_per_s: float, bits: bool = False) -> dict[str, str]:
-    """The progress bar's figures: the training loss (and in bits per byte with ``bits``), the last
-    held-out metrics, tokens per second."""
+    """The progress bar's figures: the training loss (and in bits per token with ``bits``), the last
+    held-out metrics (``bits_per_byte`` as ``eval_bits_per_byte`` ...), tokens per second."""
     post = {"loss": f"{loss:.3f}"}
     if bits:
-        post["bpb"] = f"{loss / math.log(2):.3f}"
-    for key in ("bits_per_byte", "accuracy"):
-        if key in last_eval:
-            post["eval_" + key.split("_")[0]] = f"{last_eval[key]:.3f}"
+        post["bits"] = f"{loss / math.log(2):.3f}"
+    for key, value in last_eval.items():
+        if key.startswith("bits_per_") or key == "accuracy":
+            post["eval_" + key] = f"{value:.3f}"
     post["tok/s"] = f"{tokens_per_s:,.0f}"
     return post
 
@@ -40,7 +40,7 @@ def progress_bar(cfg: TrainConfig, initial: int, enabled: bool):
 
 class MetricsLog:
     """Appends JSON lines to ``metrics.jsonl`` and draws ``loss.png`` from them (``bits``: the losses in
-    bits per byte)."""
+    bits per token)."""
 
     def __init__(self, run: Path, bits: bool, enabled: bool) -> None:
         self.path, self.plot_path, self.bits, self.enabled = (
@@ -79,7 +79,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(metrics: Path, out: Path, bits: bool = False) -> None:
-    """Loss curves (train and held-out; in bits per byte with ``bits``) into a PNG, atomically."""
+    """Loss curves (train and held-out; in bits per token with ``bits``: bits per byte for byte data)
+    into a PNG, atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +94,7 @@ def plot_metrics(metrics: Path, out: Path, bits: bool = False) -> None:
         if points:
             ax.plot(*zip(*points, strict=True), style, label=split, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte" if bits else "loss (nats)")
+    ax.set_ylabel("bits per token" if bits else "loss (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
