@@ -146,9 +146,20 @@ class ReformerLM(ReformerTrunk):
         attention_mask: torch.Tensor | None = None,
         n_buckets: int | tuple[int, ...] | None = None,
         hf_compatible: bool = False,
+        eos_token_id: int | list[int] | None = None,
+        stop: list[list[int]] | None = None,
+        pad_token_id: int | None = None,
+        repetition_penalty: float = 1.0,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``input_ids`` ``(batch, length)``; returns
-        ``(batch, length + max_new_tokens)``, the prompt followed by the new ids.
+        """Sample up to ``max_new_tokens`` tokens after ``input_ids`` ``(batch, length)``; returns
+        ``(batch, length + n)``, the prompt followed by the new ids (``n = max_new_tokens`` unless every
+        row finished earlier).
+
+        A row finishes with an id of ``eos_token_id`` (an int or a list) or when its new ids end with
+        one of ``stop`` (lists of ids); the finishing ids are kept and later positions hold
+        ``pad_token_id`` (default: the first ``eos_token_id``, else 0). ``repetition_penalty`` (HF's and
+        CTRL's, 1.0 = none) divides the positive logits of ids already in the row, prompt included, by
+        it and multiplies the negative ones, before temperature and top-k / top-p.
 
         ``temperature=0`` is greedy; otherwise ``top_k`` / ``top_p`` (nucleus) cut the distribution and
         ``generator`` draws. ``attention_mask`` ``(batch, length)`` (1 = real) allows left-padded prompts
@@ -164,5 +175,6 @@ class ReformerLM(ReformerTrunk):
         return generate(
             self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             use_cache=use_cache, n_hashes=n_hashes, generator=generator, attention_mask=attention_mask,
-            n_buckets=n_buckets, hf_compatible=hf_compatible,
+            n_buckets=n_buckets, hf_compatible=hf_compatible, eos_token_id=eos_token_id, stop=stop,
+            pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
         )  # fmt: skip
