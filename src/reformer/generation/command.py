@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import default_device
 from ..model import ReformerLM
 from .streaming import stream
 
@@ -55,10 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--id-offset", type=int, default=None,
         help="token id of byte b is b + offset (default: 2 for a 258-token vocabulary, HF's enwik8, else 0)",
     )  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    args.device = str(default_device(args.device))
     if args.source is not None or args.source_file is not None:
         from .seq2seq import run_source
 

@@ -13,6 +13,7 @@ import torch
 from .. import listops
 from ..config import ReformerConfig, read_json_object
 from ..data import contiguous_windows, load_corpus
+from ..devices import default_device
 from ..labelled import DataError, load_labelled
 from ..models import ReformerForMaskedLM, ReformerForSequenceClassification
 from ..models.heads import POOLINGS
@@ -80,7 +81,7 @@ def run_encoder_eval(args: argparse.Namespace) -> int:
     """``reformer eval`` of an encoder run: prints ``loss``, then ``bits_per_byte`` (masked bytes of the
     test split) or ``accuracy`` and ``macro_f1`` (``--data`` or the run's held-out set; ListOps: a
     generated test set)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     try:
         cfg, model = load_encoder_run(args.run, device)
         if args.full_attention:
@@ -127,13 +128,13 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", action="store_true", help="cut texts over the model's max_seq_len")
     p.add_argument("--top", type=int, default=3, help="classes listed with their probabilities (default 3)")
     p.add_argument("--n-hashes", type=int, help="LSH hash rounds (default: as trained)")
-    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """One line per text: the predicted label, its probability, then the ``--top`` classes as
     ``label=probability``."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     try:
         task = run_task(args.run)
         if task not in ("classify", "listops"):

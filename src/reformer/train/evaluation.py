@@ -11,6 +11,7 @@ import torch
 from ..attention import LSHSelfAttention
 from ..config import read_json_object
 from ..data import IGNORE_INDEX, contiguous_windows, copy_task_batch, decode_bytes, encode_text, load_corpus
+from ..devices import default_device
 from ..model import ReformerLM
 from .batches import EVAL_SEED
 from .config import TRAIN_CONFIG_FILE, TrainConfig
@@ -76,7 +77,7 @@ def evaluate_run(
 ) -> dict[str, float]:
     """Held-out bits per byte on the test split (or copy-task accuracy) of a trained run."""
     cfg, model = load_run(run)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     model.to(device)
     if cfg is None:
         cfg = TrainConfig(model=model.config.to_dict(), seq_len=model.config.max_seq_len)
@@ -100,9 +101,16 @@ def _use_full_attention(model: ReformerLM) -> None:
             module.bucket_size = model.config.max_seq_len
 
 
-def sample_text(model: ReformerLM, prompt: str = "def main():\n    ", n: int = 200, seed: int = 0) -> str:
+SAMPLE_PROMPT = "def main():\n    "
+
+
+def sample_text(model: ReformerLM, prompt: str = SAMPLE_PROMPT, n: int = 200, seed: int = 0) -> str:
+    """``n`` bytes after ``prompt``, sampled with ``generate``'s defaults (temperature 1.0, no top-k or
+    top-p) from a generator seeded with ``seed``: what ``reformer generate RUN --prompt PROMPT
+    --max-new-tokens n --seed seed`` prints."""
+    device = next(model.parameters()).device
     ids = model.generate(
-        encode_text(prompt)[None].to(next(model.parameters()).device), max_new_tokens=n, temperature=0.8,
-        top_k=40, generator=torch.Generator(device=next(model.parameters()).device).manual_seed(seed),
+        encode_text(prompt)[None].to(device), max_new_tokens=n,
+        generator=torch.Generator(device=device).manual_seed(seed),
     )  # fmt: skip
     return decode_bytes(ids[0].cpu())

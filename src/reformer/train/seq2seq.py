@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ReformerConfig, default_axial_shape
 from ..data import IGNORE_INDEX
+from ..devices import default_device
 from ..models.seq2seq import ReformerEncoderDecoder, Seq2SeqConfig, shift_right
 from .config import TrainConfig, TrainingError
 
@@ -250,6 +251,6 @@ def evaluate_seq2seq_run(
 
     run = Path(run)
     cfg = TrainConfig.from_dict(read_json_object(run / TRAIN_CONFIG_FILE, "the run folder is damaged"))
-    dev = torch.device(device or "cpu")
+    dev = default_device(device)
     model = ReformerEncoderDecoder.from_pretrained(run).to(dev)
     return evaluate_seq2seq(model, Seq2SeqBatches(cfg).held_out(), cfg.task, dev, n_hashes)
