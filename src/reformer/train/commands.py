@@ -36,7 +36,7 @@ MODEL_FLAGS += (
     "cross_n_buckets",
 )  # fmt: skip
 # Settings a resumed run may change; everything else must match the saved run.
-RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "max_minutes", "progress")
+RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "log", "max_minutes", "progress")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +77,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
     g.add_argument("--save-every", type=int, help="steps between checkpoints")
     g.add_argument("--log-every", type=int, help="steps between metrics lines")
+    g.add_argument(
+        "--log", nargs="+", metavar="NAME",
+        help="loggers beside metrics.jsonl: tensorboard (RUN/tensorboard; the [tensorboard] extra) or one "
+        "registered with reformer.train.loggers.register_logger",
+    )  # fmt: skip
     g.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config import ReformerConfig, dataclass_from_dict, default_axial_shape
 from ..models.heads import POOLINGS
+from .loggers import check_logger_names
 
 TRAIN_CONFIG_FILE = "train_config.json"
 TASKS = ("lm", "copy", "mlm", "classify", "listops", "reverse", "sort", "pairs")
@@ -105,6 +106,7 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    log: list[str] = field(default_factory=list)  # loggers beside metrics.jsonl (train/loggers.py)
     max_minutes: float | None = None
     seed: int = 0
     progress: bool = True
@@ -160,6 +162,7 @@ class TrainConfig:
                 )
         if self.eval_min_len is not None and self.task != "listops":
             raise ValueError("--eval-min-len sets the held-out ListOps lengths; use it with --task listops")
+        check_logger_names(self.log)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is unknown; use one of {POOLINGS}")
         if self.pooling != "first" and self.task not in ("classify", "listops"):

@@ -27,6 +27,7 @@ from .config import SEQ2SEQ_TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError
 from .distributed import Distributed, check_replicas
 from .encoder_tasks import TaskObjective, build_model
 from .evaluation import evaluate_batches
+from .loggers import RunLog
 from .metrics import MetricsLog, postfix, progress_bar
 from .seq2seq import Seq2SeqBatches, TeacherForced, evaluate_seq2seq
 
@@ -208,7 +209,7 @@ def _train(
         torch.autocast(dist.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     )
     held_out = batches.held_out()
-    logger = MetricsLog(run, cfg.task, enabled=dist.is_main)
+    logger = RunLog(MetricsLog(run, cfg.task, enabled=dist.is_main), cfg.log, state["step"])
     checkpoint, last_eval = (existing[-1] if resume else None), {}
     tokens_per_step = cfg.batch_size * cfg.seq_len
     started, step_start = time.monotonic(), state["step"]
@@ -283,7 +284,7 @@ def _train(
             f"continue with: reformer train --out {run} --resume",
             file=sys.stderr,
         )
-    logger.plot()
+    logger.close()
     # Finish together: a gloo rank that tears down while its peer is still busy (rank 0 plots) was seen
     # to abort with "terminate called without an active exception" (about 1 run in 6).
     dist.barrier()
