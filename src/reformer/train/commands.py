@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
 from ..config import KEY_RULES, default_key_rule, read_json_object
+from ..files import atomic_write_text
 from ..model import ReformerLM
+from .checkpoints import checkpoint_dirs
 from .config import (
     PRECISIONS,
     PRESETS,
@@ -19,6 +22,7 @@ from .config import (
     TRAIN_CONFIG_FILE,
     TrainConfig,
     TrainingError,
+    schedule_change,
 )
 from .encoder_commands import add_encoder_arguments, encoder_settings, run_encoder_eval, run_task
 from .encoder_tasks import ENCODER_TASKS
@@ -36,7 +40,9 @@ MODEL_FLAGS += (
     "cross_n_buckets",
 )  # fmt: skip
 # Settings a resumed run may change; everything else must match the saved run.
-RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "log", "max_minutes", "progress")
+RESUMABLE_OVERRIDES = (
+    "steps", "cosine_steps", "eval_every", "save_every", "log_every", "log", "max_minutes", "progress",
+)  # fmt: skip
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,7 +97,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup", type=int, help="linear warm-up steps")
     o.add_argument("--schedule", choices=SCHEDULES, help="rsqrt (independent of --steps) or cosine "
                    "(to --cosine-steps)")  # fmt: skip
-    o.add_argument("--cosine-steps", type=int, help="horizon of the cosine schedule (default: --steps)")
+    o.add_argument(
+        "--cosine-steps", type=int,
+        help="horizon of the cosine schedule (default: --steps, also when --resume changes --steps)",
+    )  # fmt: skip
     o.add_argument("--weight-decay", type=float)
     o.add_argument("--clip", type=float, help="gradient-norm clipping (0: none)")
     m = p.add_argument_group("model")
@@ -138,8 +147,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "clip" in given and given["clip"] == 0:
         given["clip"] = None
     cfg = replace(cfg, **given)
-    if cfg.schedule == "cosine" and cfg.cosine_steps is None:  # the horizon is the run's length
-        cfg.cosine_steps = cfg.steps
     if args.data:
         cfg.data = [str(Path(d).resolve()) for d in args.data]
     encoder_settings(args, cfg)
@@ -221,7 +228,18 @@ def resumed_config(args: argparse.Namespace, run: Path) -> TrainConfig:
             + ", ".join(_flag(n) for n in RESUMABLE_OVERRIDES)
             + f": drop {drop} or give the saved values"
         )
-    return replace(saved, **changes)
+    resumed = replace(saved, **changes)
+    checkpoints = checkpoint_dirs(run)
+    try:  # a damaged checkpoint is reported by the loop, which resumes from it
+        step = (
+            int(read_json_object(checkpoints[-1] / "trainer_state.json", "")["step"]) if checkpoints else None
+        )
+    except (ValueError, KeyError, TypeError, FileNotFoundError):
+        step = None
+    note = None if step is None else schedule_change(saved, resumed, step)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, file=sys.stderr)
+    return resumed
 
 
 def _flag(name: str) -> str:
@@ -236,6 +254,8 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg.model_config()
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    if args.resume and int(os.environ.get("RANK", "0")) == 0:  # the run's settings now: --steps ...
+        atomic_write_text(out / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     try:
         result = train(
             cfg, out, resume=args.resume, device=args.device, sequence_parallel=args.sequence_parallel

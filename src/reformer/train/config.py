@@ -94,7 +94,7 @@ class TrainConfig:
     lr: float = 6e-3
     warmup: int = 50
     schedule: str = "rsqrt"
-    cosine_steps: int | None = None
+    cosine_steps: int | None = None  # None: the run's steps, so --resume --steps N stretches the curve
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     beta1: float = 0.9
@@ -143,8 +143,12 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be positive")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip={self.clip} must be positive (or None for no clipping)")
-        if self.schedule == "cosine" and not self.cosine_steps:
-            raise ValueError("the cosine schedule needs its own horizon: pass --cosine-steps N")
+        if self.cosine_steps is not None and (
+            not isinstance(self.cosine_steps, int) or self.cosine_steps < 1
+        ):
+            raise ValueError(
+                f"cosine_steps={self.cosine_steps!r} must be a positive integer or None (--steps)"
+            )
         if self.task == "copy" and (self.seq_len % 2 or self.seq_len < 4):
             raise ValueError(f"the copy task needs an even --seq-len of at least 4, got {self.seq_len}")
         if self.curriculum_start is not None:
@@ -204,12 +208,44 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
     ``rsqrt``: linear warm-up to ``lr`` then ``lr * sqrt(warmup / step)``, as in the paper's
     configurations; it does not depend on ``steps``, so extending a run follows the same curve.
-    ``cosine``: warm-up then a cosine from ``lr`` to ``lr * min_lr_ratio`` over ``cosine_steps``.
+    ``cosine``: warm-up then a cosine from ``lr`` to ``lr * min_lr_ratio`` over ``cosine_steps`` (None:
+    over ``steps``, so a run resumed with more steps stretches the rest of its curve to the new end);
+    steps past the horizon train at the floor ``lr * min_lr_ratio``.
     """
     step = step + 1
     warm = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
     if cfg.schedule == "rsqrt":
         return cfg.lr * warm * math.sqrt(max(cfg.warmup, 1) / max(step, cfg.warmup, 1))
-    progress = min(1.0, max(0, step - cfg.warmup) / max(1, cfg.cosine_steps - cfg.warmup))
+    horizon = cfg.cosine_steps or cfg.steps
+    progress = min(1.0, max(0, step - cfg.warmup) / max(1, horizon - cfg.warmup))
     floor = cfg.lr * cfg.min_lr_ratio
     return warm * (floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def schedule_change(saved: TrainConfig, resumed: TrainConfig, step: int) -> str | None:
+    """What resuming ``saved`` at ``step`` as ``resumed`` does to a cosine schedule, in words (None when
+    nothing changes): a stretched horizon raises the learning rate, a fixed one that ends before the
+    new ``steps`` leaves the extra steps at the floor."""
+    if resumed.schedule != "cosine" or step >= resumed.steps:
+        return None
+    before, after = saved.cosine_steps or saved.steps, resumed.cosine_steps or resumed.steps
+    lr_before, lr_after = learning_rate(saved, step), learning_rate(resumed, step)
+    if after != before:
+        keep = (
+            f"--cosine-steps {before}"
+            if saved.cosine_steps is None
+            else f"--cosine-steps {saved.cosine_steps}"
+        )
+        return (
+            f"cosine schedule: its horizon moves from step {before} to {after}, so the learning rate at "
+            f"step {step + 1} is {lr_after:.3g} instead of {lr_before:.3g} and decays to the floor at step "
+            f"{after} (pass {keep} to keep the old curve)"
+        )
+    if after < resumed.steps:
+        return (
+            f"cosine schedule: its horizon is step {after} (--cosine-steps), so steps "
+            f"{max(step, after) + 1} to {resumed.steps} train at the floor learning rate "
+            f"{resumed.lr * resumed.min_lr_ratio:.3g} (pass --cosine-steps {resumed.steps} to stretch the "
+            "curve to the new end)"
+        )
+    return None
