@@ -49,6 +49,8 @@ FAST_TESTS = [
     "tests/test_model.py::test_padding_does_not_change_real_token_outputs",
     "tests/test_model.py::test_axial_position_embedding_is_the_row_major_broadcast_concatenation",
     "tests/test_hf.py",
+    "tests/test_labels.py",
+    "tests/test_generation_stopping.py",
 ]
 
 
@@ -182,6 +184,31 @@ MUTATIONS = [
         "ff-chunk-grad-accumulation", "feedforward.py",
         "acc.add_(g)", "acc.copy_(g)",
         "feed-forward parameter gradients keep only the last chunk's",
+    ),
+    Mutation(
+        "labels-unshifted", "models/lm.py",
+        "targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)",
+        "targets = labels",
+        "labels= not shifted inside (position i scored against its own token)",
+    ),
+    Mutation(
+        "repetition-penalty-sign", "generation/sampling.py",
+        "torch.where(logits > 0, logits / penalty, logits * penalty)",
+        "torch.where(logits > 0, logits * penalty, logits / penalty)",
+        "repetition penalty raises the logits of repeated ids instead of lowering them",
+    ),
+    Mutation(
+        "eos-dropped", "generation/stopping.py",
+        "next_ids = torch.where(self.finished, torch.full_like(next_ids, self.pad), next_ids)",
+        "next_ids = torch.where(self.finished | torch.isin(next_ids, self.eos if self.eos is not None "
+        "else next_ids[:0]), torch.full_like(next_ids, self.pad), next_ids)",
+        "the end-of-sequence id itself replaced by the pad id",
+    ),
+    Mutation(
+        "stop-sequence-window", "generation/stopping.py",
+        "done |= (self.recent[:, -len(sequence) :] == sequence).all(1)",
+        "done |= (self.recent[:, -len(sequence) :] == sequence).any(1)",
+        "a stop sequence matches when any of its ids matches",
     ),
 ]  # fmt: skip
 

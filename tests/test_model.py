@@ -265,7 +265,7 @@ def test_reversible_step_leaves_the_default_generator_as_a_plain_step_does():
 
 
 def test_axial_position_embedding_is_the_row_major_broadcast_concatenation():
-    """REFERENCE.md: weight i ``(n_i, e_i)`` broadcast over the other axes, concatenated on features,
+    """docs/architecture.md: weight i ``(n_i, e_i)`` broadcast over the other axes, concatenated on features,
     flattened row-major (the last axis fastest) to prod(n) positions."""
     from reformer.embeddings import AxialPositionEmbedding
 

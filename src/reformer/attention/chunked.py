@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-# The trax/HF mask constants (REFERENCE.md step 7). Scores are kept in float32 (float64 for float64
-# inputs) whatever the input dtype, so the float32 constants serve every dtype, float16 included.
+# The trax/HF mask constants (docs/architecture.md, "The math", step 7). Scores are kept in float32
+# (float64 for float64 inputs) whatever the input dtype, so the float32 constants serve every dtype,
+# float16 included.
 MASK_VALUE = -1e9
 SELF_MASK_VALUE = -1e5
 # Scores are kept in base 2 (scaled by log2(e)): exp2 is fast everywhere, while exp slows down ~10x on
@@ -229,7 +230,8 @@ def _dropout_mask(shape, p: float, generator: torch.Generator, device, dtype) ->
 
 
 def merge_round(acc, run_max, run_sum, rows, out, lse, first: bool, base2: bool) -> None:
-    """Fold one round's attention into the running results (online log-sum-exp, REFERENCE.md step 9).
+    """Fold one round's attention into the running results (online log-sum-exp; docs/architecture.md,
+    "The math", step 9).
 
     ``out`` ``(n, dim)`` is the round's normalised output for the query ``rows`` ``(n,)`` (distinct) and
     ``lse`` ``(n,)`` its log-sum-exp, in base 2 if ``base2`` else base e. ``acc`` ``(rows, dim)``,
