@@ -13,8 +13,10 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first, from TORCH_INDEX, so that no range below pulls another build.
-	$(PIP) install -q $(TORCH) --index-url $(TORCH_INDEX)
+	# torch first, from TORCH_INDEX (its dependencies from the usual index), so that no range below
+	# pulls another build.
+	$(PIP) install -q --no-deps $(TORCH) --index-url $(TORCH_INDEX)
+	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
