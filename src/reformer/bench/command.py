@@ -140,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[BenchConfig]:
     """Check the options together and list the configurations (``parser.error`` on bad input)."""
-    device = args.device = str(default_device(args.device))
+    device = args.device = args.device or str(default_device())
     if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
         parser.error(f"--device {device!r} is unknown; use cpu or cuda (cuda:N for one GPU)")
     if device.startswith("cuda"):
