@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The tiny preset on the built-in corpus (about 3 minutes on 2 idle CPU cores, install excluded; docs/quality.md);
+# The tiny preset on the built-in corpus (3-5 minutes on 2 idle CPU cores, install excluded; docs/quality.md);
 # runs/make-run is this demo's own folder, replaced on every `make run`. Your own runs: `reformer train --out DIR ...`.
 run: venv
 	rm -rf runs/make-run
