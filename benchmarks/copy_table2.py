@@ -17,7 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
-from reformer.train import PRESETS, TrainConfig, checkpoint_dirs, evaluate_run, train
+from reformer.tasks import settings
+from reformer.train import checkpoint_dirs, evaluate_run, preset_config, train
 
 TRAIN_HASHES = (1, 2, 4)
 EVAL_SETTINGS = ("full", 8, 4, 2, 1)
@@ -44,8 +45,9 @@ def main() -> None:
 
     results: dict[int, dict] = {}
     for hashes in TRAIN_HASHES:
-        preset = dict(PRESETS[args.preset])
-        cfg = TrainConfig(**{**preset, "model": {**preset["model"], "n_hashes": hashes}, "progress": True})
+        cfg = preset_config(args.preset)
+        cfg.model = settings.replace(cfg.model, {"n_hashes": hashes}, "model")
+        cfg.progress = True
         if args.steps:
             cfg.steps = args.steps
         if args.batch_size:

@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from reformer import listops
-from reformer.train.encoder_commands import TEST_SEED, load_encoder_run
-from reformer.train.encoder_tasks import split_padding
+from reformer.tasks import listops
+from reformer.tasks.encoder import split_padding
+from reformer.tasks.listops import TEST_SEED
+from reformer.train import load_run
 
 FIT_SEED = 1  # the set the rules are fitted on (the test set uses TEST_SEED)
 
@@ -73,7 +74,7 @@ def rule_accuracy(
 
 @torch.no_grad()
 def run_predictions(run: str, rows: list[list[int]], batch_size: int = 8) -> list[int]:
-    _, model = load_encoder_run(run, torch.device("cpu"))
+    _, _, model = load_run(run, torch.device("cpu"))
     model.eval()
     preds: list[int] = []
     for start in range(0, len(rows), batch_size):

@@ -124,14 +124,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_speed(args: argparse.Namespace) -> None:
     """Seconds per training step of each variant at 4K and 16K, timed side by side in this process."""
     from reformer.model import ReformerLM
-    from reformer.train.commands import add_train_arguments, config_from_args
+    from reformer.train import config_from_args, parse_train_args
 
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
     results = {}
     for seq_len, variants in ((4096, list(VARIANTS)), (16384, [v for v, _ in LONG_RUNS])):
         for variant in variants:
-            flags = parser.parse_args([*COMMON, *VARIANTS[variant], "--seq-len", str(seq_len)])
+            flags = parse_train_args([*COMMON, *VARIANTS[variant], "--seq-len", str(seq_len)])
             cfg = config_from_args(flags)
             torch.manual_seed(0)
             model = ReformerLM(cfg.model_config())

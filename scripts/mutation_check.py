@@ -5,7 +5,9 @@ For each mutation below (one small, plausible bug: a file under ``src/``, an exa
 replacement, and what it breaks), this script copies ``src/`` to a scratch directory, plants that one
 bug, and runs a fast subset of the test suite against the copy (``PYTHONPATH=<scratch>/src``,
 ``pytest -x -q``, with a timeout). A mutation is *caught* when the tests fail and *survives* when they
-pass. The unmutated copy runs first and must pass, and must be the copy that gets imported.
+pass. A mutation may name the tests that should catch it instead (those of the training code). The
+unmutated copy runs first (the fast subset and every named test) and must pass, and must be the copy
+that gets imported.
 
 Exit status: 0 when every mutation is caught; 1 when one survives, times out or errors; 2 when a
 snippet no longer matches its file exactly once (the code moved: update the snippet), which is checked
@@ -61,6 +63,7 @@ class Mutation:
     old: str
     new: str
     description: str
+    tests: tuple[str, ...] = ()  # the tests that should catch it, instead of FAST_TESTS
 
 
 MUTATIONS = [
@@ -210,6 +213,44 @@ MUTATIONS = [
         "done |= (self.recent[:, -len(sequence) :] == sequence).any(1)",
         "a stop sequence matches when any of its ids matches",
     ),
+    Mutation(
+        "micro-batch-weights", "train/loop.py",
+        "loss = objective(*batch) * (count * replicas / step_count)",
+        "loss = objective(*batch) * (replicas / len(micro_batches))",
+        "accumulated micro-batches weighted equally, not by their share of the step's counted targets",
+        ("tests/test_train.py::test_gradient_accumulation_weights_micro_batches_by_their_target_tokens",),
+    ),
+    Mutation(
+        "task-state-not-restored", "train/loop.py",
+        "        task.restore(state)\n", "",
+        "a resumed run does not hand the task its state back (the curriculum restarts)",
+        ("tests/test_tasks.py::test_a_registered_task_trains_evaluates_and_resumes_through_the_shared_commands",),
+    ),
+    Mutation(
+        "copy-accuracy-count", "tasks/copy.py",
+        "total_count += int(counted.sum())", "total_count += targets.numel()",
+        "copy-task accuracy divided by every position, not only the second copy's",
+        ("tests/test_tasks.py::test_copy_accuracy_counts_the_second_copy_only",),
+    ),
+    Mutation(
+        "macro-f1", "tasks/classification.py",
+        "scores.append(2 * tp / (2 * tp + fp + fn))", "scores.append(tp / (tp + fp + fn))",
+        "macro-F1 computed as the mean Jaccard index",
+        ("tests/test_encoder_tasks.py::test_macro_f1_against_hand_counts",),
+    ),
+    Mutation(
+        "legacy-key-rule", "train/config.py",
+        'model = {"lsh_key_rule": "chunks", **data.pop("model", {})}', 'model = data.pop("model", {})',
+        "runs saved before the LSH key rule was recorded load with the default rule, not the one they used",
+        ("tests/test_tasks.py::test_runs_saved_in_the_flat_layout_load_as_they_were_trained",),
+    ),
+    Mutation(
+        "learned-positions-length", "tasks/model_settings.py",
+        'values["axial_pos_shape"], values["axial_pos_dims"] = (seq_len,), (values["d_model"],)',
+        'values["axial_pos_dims"] = (values["d_model"],)',
+        "plain learned positions keep the preset's length when --seq-len changes",
+        ("tests/test_tasks.py::test_flags_over_a_preset_follow_the_rules_of_the_model_settings",),
+    ),
 ]  # fmt: skip
 
 
@@ -272,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
         help="a pytest target to run instead of the fast subset (repeat for several)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    args.tests = args.tests or FAST_TESTS
 
     by_name = {m.name: m for m in MUTATIONS}
     unknown = [n for n in args.names if n not in by_name]
@@ -301,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         if not where.startswith(str(scratch)):
             print(f"the scratch copy is not the one imported (reformer comes from {where!r})")
             return 1
-        status, detail, seconds = run_tests(scratch / "src", args.tests, args.timeout)
+        baseline = args.tests or list(dict.fromkeys([*FAST_TESTS, *(t for m in chosen for t in m.tests)]))
+        status, detail, seconds = run_tests(scratch / "src", baseline, args.timeout)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"baseline (no mutation): {status} in {seconds:.0f}s {detail}", flush=True)
@@ -313,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in chosen:
         scratch = scratch_copy(m)
         try:
-            status, detail, seconds = run_tests(scratch / "src", args.tests, args.timeout)
+            status, detail, seconds = run_tests(
+                scratch / "src", args.tests or list(m.tests) or FAST_TESTS, args.timeout
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         verdict = {"failed": "CAUGHT", "passed": "SURVIVED"}.get(status, status.upper())

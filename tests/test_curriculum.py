@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from reformer.models.seq2seq import ReformerEncoderDecoder
+from reformer.tasks.seq2seq import CURRICULUM_WINDOW, TeacherForced
 from reformer.train import TrainConfig, train
-from reformer.train.seq2seq import CURRICULUM_WINDOW, Seq2SeqBatches, TeacherForced
+from reformer.train.loop import slice_batch
+from tests.conftest import SMALL_SEQ2SEQ, make_config
 
-SMALL = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, attn_layers=("full",), cross_attention="full",
-             position_embedding="sinusoidal")  # fmt: skip
+SMALL = dict(SMALL_SEQ2SEQ, position_embedding="sinusoidal")
 
 
 def _cfg(**changes) -> TrainConfig:
@@ -22,12 +23,29 @@ def _cfg(**changes) -> TrainConfig:
         model=dict(SMALL), task="reverse", seq_len=32, batch_size=4, steps=4, lr=3e-3, warmup=2, eval_every=5,
         save_every=10, eval_batches=1, log_every=1, progress=False, curriculum_start=8, curriculum_loss=0.5,
     )  # fmt: skip
-    settings.update(changes)
-    return TrainConfig(**settings)
+    return make_config(**{**settings, **changes})
+
+
+class Batches:
+    """The task's training batches as the loop draws them: one generator, each process's slice."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.task, self.generator, self.step = cfg.make_task(), torch.Generator().manual_seed(0), 0
+
+    def next(self, size: int, rank: int, world_size: int):
+        return slice_batch(self.task.batch(size, self.generator), rank, world_size)
+
+    def after_step(self, loss: float):
+        self.step += 1
+        return self.task.after_step(loss, self.step)
+
+    @property
+    def length(self) -> int:
+        return self.task.length
 
 
 def test_batches_keep_the_tokens_of_a_step_and_double_on_a_low_loss():
-    batches = Seq2SeqBatches(_cfg())
+    batches = Batches(_cfg())
     src, tgt = batches.next(4, 0, 1)
     assert src.shape == (16, 8) and torch.equal(tgt, src.flip(1))  # 4 x 32 tokens as 16 x 8
     for _ in range(CURRICULUM_WINDOW - 1):
@@ -42,7 +60,7 @@ def test_batches_keep_the_tokens_of_a_step_and_double_on_a_low_loss():
     assert not any(batches.after_step(0.0) for _ in range(2 * CURRICULUM_WINDOW)) and batches.length == 32
     src, _ = batches.next(4, 0, 1)
     assert src.shape == (4, 32)
-    sort = Seq2SeqBatches(_cfg(task="sort", curriculum_start=5))
+    sort = Batches(_cfg(task="sort", curriculum_start=5))
     src, tgt = sort.next(2, 0, 1)
     assert src.shape == (12, 5) and torch.equal(tgt, src.sort(1).values)  # 64 tokens as 12 x 5 (floor)
     for _ in range(3):  # 5 -> 10 -> 20 -> 32, not 40

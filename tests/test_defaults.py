@@ -9,7 +9,7 @@ from reformer import LSHSelfAttention, ReformerConfig, ReformerLM, lsh_attention
 from reformer.cli import build_parser
 from reformer.devices import default_device
 from reformer.generation import seq2seq, streaming
-from reformer.train.evaluation import SAMPLE_PROMPT, sample_text
+from reformer.tasks.lm import SAMPLE_PROMPT, sample_text
 
 
 def _default(fn, name):
@@ -65,7 +65,7 @@ def test_the_sample_after_training_is_what_reformer_generate_prints(tmp_path, ca
     ],
 )
 def test_every_command_takes_the_same_device_rule(argv):
-    assert build_parser().parse_args(argv).device is None  # resolved by default_device
+    assert build_parser(argv).parse_args(argv).device is None  # resolved by default_device
 
 
 def test_the_device_rule(monkeypatch):

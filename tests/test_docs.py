@@ -10,6 +10,9 @@ their run settings (presets, flags, checks), without reading data or training.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import os
 import re
 import shlex
@@ -99,6 +102,14 @@ CASES = [
     for path in DOCS
     for number, argv in commands(path)
 ]
+# Settings files the docs write before a command reads them: echo '{...}' > NAME.json.
+FILES = {
+    match.group(2): match.group(1)
+    for path in DOCS
+    for _, lines in shell_blocks(path.read_text())
+    for line in lines
+    if (match := re.fullmatch(r"\s*echo '(\{.*\})' > ([\w.-]+\.json)\s*", line))
+}
 
 
 def test_the_docs_hold_commands():
@@ -107,19 +118,87 @@ def test_the_docs_hold_commands():
     assert {"train", "eval", "generate", "convert", "bench", "predict"} <= subcommands
 
 
-@pytest.mark.parametrize("argv", CASES)
-def test_documented_command_parses(argv):
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as err:
-        pytest.fail(f"reformer {shlex.join(argv)}: argument parsing failed (exit {err.code})")
-    if args.command == "train" and not args.resume and args.init is None:
-        from reformer.train import config_from_args
+def python_blocks(text: str):
+    """The code of each ``python`` block."""
+    yield from re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
-        cfg = config_from_args(args)
-        cfg.validate()
-        cfg.model_config()
+
+@contextlib.contextmanager
+def documented_tasks():
+    """The tasks the docs define as modules of reformer/tasks (a block opening with that file's name),
+    registered while the block is active: their documented commands parse with their flags."""
+    from reformer import tasks
+
+    added = []
+    for path in DOCS:
+        for code in python_blocks(path.read_text()):
+            if not re.match(r"# reformer/tasks/\w+\.py\n", code):
+                continue
+            namespace: dict = {}
+            exec(compile(code.replace("from .", "from reformer.tasks."), str(path), "exec"), namespace)
+            for task in namespace["TASKS"]:
+                tasks.register(task)
+                added.append(task.name)
+    try:
+        yield
+    finally:
+        for name in added:
+            tasks.unregister(name)
+
+
+@functools.cache
+def trained_tasks() -> dict[str, str]:
+    """The run folder -> task of every documented ``reformer train`` that starts a run."""
+    from reformer.train.train_command import choose_task
+
+    folders = {}
+    with documented_tasks():
+        for case in CASES:
+            argv = case.values[0]
+            if argv[:1] != ["train"]:
+                continue
+            try:
+                args = build_parser(argv).parse_args(argv)
+                task = choose_task(args)
+            except (SystemExit, ValueError, FileNotFoundError):
+                continue  # reported by its own case
+            if not args.resume:
+                folders[(args.out or f"runs/{args.preset or args.task or 'tiny'}").rstrip("/")] = task
+    return folders
+
+
+@pytest.mark.parametrize("argv", CASES)
+def test_documented_command_parses(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # files a block writes (echo '{...}' > FILE) are made here
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    if (
+        config
+        and Path(config).parent.as_posix() in trained_tasks()
+        and Path(config).name == "train_config.json"
+    ):
+        # A documented run's saved settings: those of its task's default preset stand in for them.
+        from reformer.train.config import default_preset, preset_config
+
+        task = trained_tasks()[Path(config).parent.as_posix()]
+        Path(config).parent.mkdir(parents=True)
+        Path(config).write_text(json.dumps(preset_config(default_preset(task), task).to_dict()))
+    if argv[:1] in (["eval"], ["predict"]) and len(argv) > 1 and argv[1] in trained_tasks():
+        # The run folder a documented command trained, as far as its task (which adds flags) goes.
+        (tmp_path / argv[1]).mkdir(parents=True)
+        (tmp_path / argv[1] / "train_config.json").write_text(json.dumps({"task": trained_tasks()[argv[1]]}))
+    with documented_tasks():
+        try:
+            args = build_parser(argv).parse_args(argv)
+        except SystemExit as err:
+            pytest.fail(f"reformer {shlex.join(argv)}: argument parsing failed (exit {err.code})")
+        if args.command == "train" and not args.resume and getattr(args, "init", None) is None:
+            from reformer.train import config_from_args
+
+            cfg = config_from_args(args)
+            cfg.validate()
+            cfg.model_config()
 
 
 def _quick_start() -> str:

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 
 from reformer.cli import main
 from reformer.data import IGNORE_INDEX
-from reformer.labelled import DataError, load_labelled
 from reformer.models import ReformerForMaskedLM, ReformerForSequenceClassification
+from reformer.tasks.classification import macro_f1
+from reformer.tasks.labelled import DataError, load_labelled
+from reformer.tasks.mlm import MASK_ID, mask_tokens
 from reformer.train import TrainConfig, checkpoint_dirs, train
-from reformer.train.encoder_tasks import macro_f1
-from reformer.train.masking import MASK_ID, mask_tokens
+from tests.conftest import make_config
 
 SMALL = [
     "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--bucket-size", "8", "--attn-layers", "local,lsh",
@@ -132,10 +133,8 @@ def test_classify_trains_evaluates_and_predicts(tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--task", "classify", "--data", str(train_file), "--valid", str(valid_file)]
     assert main([*argv, "--out", str(run), *SMALL, "--seq-len", "64", "--steps", "20", "--lr", "5e-3"]) == 0
-    assert (run / "loss.png").is_file() and json.loads((run / "train_config.json").read_text())["labels"] == [
-        "a",
-        "z",
-    ]
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (run / "loss.png").is_file() and saved["task_settings"]["labels"] == ["a", "z"]
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
@@ -231,14 +230,13 @@ def test_listops_held_out_lengths_and_mean_pooling(tmp_path, capsys, monkeypatch
     """--eval-min-len: training expressions longer than --min-len, the run's held-out ones and reformer
     eval's test set longer than --eval-min-len (reformer eval --min-len overrides); --pooling mean is
     recorded in the run's head.json and a resumed run keeps it."""
-    from reformer import listops
-    from reformer.train.encoder_tasks import EncoderData
+    from reformer.tasks import listops
 
-    cfg = TrainConfig(model={}, task="listops", seq_len=96, min_len=10, eval_min_len=60, batch_size=64)
-    data = EncoderData(cfg)
+    cfg = make_config(task="listops", seq_len=96, min_len=10, eval_min_len=60, batch_size=64)
+    task = cfg.make_task()
     g = torch.Generator().manual_seed(0)
-    train_lengths = (data.draw(64, g)[0] != listops.PAD).sum(1)
-    held_out = torch.cat([(inputs != listops.PAD).sum(1) for inputs, _ in data.held_out(g)])
+    train_lengths = (task.batch(64, g)[0] != listops.PAD).sum(1)
+    held_out = torch.cat([(inputs != listops.PAD).sum(1) for inputs, _ in task.held_out()])
     assert train_lengths.min() > 10 and train_lengths.max() < 97 and train_lengths.min() <= 60
     assert held_out.min() > 60 and held_out.max() < 97
 
@@ -264,15 +262,15 @@ def test_listops_held_out_lengths_and_mean_pooling(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit):
         main([*argv[:-2], "--pooling", "first", "--steps", "4", "--out", str(run), "--resume"])
     assert "--pooling first differs from the resumed run's 'mean'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--eval-min-len sets the held-out ListOps lengths"):
-        TrainConfig(model={}, task="lm", eval_min_len=5).validate()
+    with pytest.raises(ValueError, match="--eval-min-len is for --task listops, not --task lm"):
+        TrainConfig(model={}, task="lm", task_settings=dict(eval_min_len=5)).validate()
     with pytest.raises(ValueError, match="--eval-min-len 96 must lie"):
-        TrainConfig(model={}, task="listops", seq_len=96, eval_min_len=96).validate()
+        make_config(task="listops", seq_len=96, eval_min_len=96).validate()
 
 
 def test_classify_needs_a_valid_set(tmp_path):
     path = vowel_task(tmp_path, 8, "train.jsonl")
-    cfg = TrainConfig(model=dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, attn_layers=("full",)),
+    cfg = make_config(model=dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, attn_layers=("full",)),
                       task="classify", data=[str(path)], seq_len=64, steps=1, progress=False)  # fmt: skip
     with pytest.raises(Exception, match="--task classify needs one --data .* and one --valid"):
         train(cfg, tmp_path / "run")
@@ -300,7 +298,7 @@ def test_sigint_stops_an_encoder_run_that_then_resumes(tmp_path):
 
 def test_padded_batches_give_each_row_its_unpadded_logits():
     from reformer.config import ReformerConfig
-    from reformer.train.encoder_tasks import pad_rows, split_padding
+    from reformer.tasks.encoder import pad_rows, split_padding
 
     torch.manual_seed(0)
     cfg = ReformerConfig(vocab_size=15, d_model=32, n_heads=2, n_layers=2, d_ff=64, bucket_size=8,

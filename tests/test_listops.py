@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from reformer import listops
+from reformer.tasks import listops
 
 
 def oracle_value(text: str) -> int:

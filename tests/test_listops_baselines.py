@@ -7,7 +7,7 @@ import importlib.util
 import random
 from pathlib import Path
 
-from reformer import listops
+from reformer.tasks import listops
 
 _path = Path(__file__).resolve().parents[1] / "benchmarks" / "listops_baselines.py"
 _spec = importlib.util.spec_from_file_location("listops_baselines", _path)

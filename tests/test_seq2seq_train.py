@@ -11,18 +11,12 @@ import torch
 from reformer.cli import main
 from reformer.data import IGNORE_INDEX
 from reformer.models.seq2seq import ReformerEncoderDecoder
+from reformer.tasks.seq2seq import BYTE_EOS, TeacherForced, pad_pairs, read_pairs, synthetic_batch
 from reformer.train import TrainConfig, TrainingError, train
+from reformer.train.loop import slice_batch
 from reformer.train.metrics import read_metrics
-from reformer.train.seq2seq import (
-    BYTE_EOS,
-    Seq2SeqBatches,
-    TeacherForced,
-    pad_pairs,
-    read_pairs,
-    synthetic_batch,
-)
-
-SMALL = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, attn_layers=("full",), cross_attention="full")
+from tests.conftest import SMALL_SEQ2SEQ as SMALL
+from tests.conftest import make_config
 
 
 def _cfg(**changes) -> TrainConfig:
@@ -30,8 +24,7 @@ def _cfg(**changes) -> TrainConfig:
         model=dict(SMALL), task="reverse", seq_len=12, batch_size=4, steps=4, lr=3e-3, warmup=2, eval_every=2,
         save_every=2, eval_batches=2, log_every=1, progress=False,
     )  # fmt: skip
-    settings.update(changes)
-    return TrainConfig(**settings)
+    return make_config(**{**settings, **changes})
 
 
 def test_synthetic_targets_are_the_source_reversed_and_sorted():
@@ -108,10 +101,10 @@ def test_cli_pairs_with_lsh_cross_attention_reports_bits_per_byte(tmp_path, caps
 
 
 def test_batches_are_fixed_held_out_and_sliced_per_process():
-    batches = Seq2SeqBatches(_cfg(task="sort"))
-    first, second = batches.held_out(), batches.held_out()
+    task = _cfg(task="sort").make_task()
+    first, second = task.held_out(), task.held_out()
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
-    src, tgt = batches.next(4, 1, 2)
+    src, tgt = slice_batch(task.batch(4, torch.Generator().manual_seed(0)), 1, 2)
     assert src.shape == (2, 12) and torch.equal(tgt, src.sort(1).values)
 
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,49 +20,26 @@ from safetensors.torch import load_file
 
 from reformer import ReformerLM
 from reformer.cli import main
-from reformer.data import COPY_SYMBOLS, IGNORE_INDEX, contiguous_windows, copy_task_batch, load_corpus
+from reformer.data import IGNORE_INDEX, contiguous_windows, load_corpus
+from reformer.tasks.copy import COPY_SYMBOLS, copy_task_batch
+from reformer.tasks.lm import LanguageModelTask
 from reformer.train import (
-    PRESETS,
-    Batches,
     TrainConfig,
     TrainingError,
     checkpoint_dirs,
     evaluate_run,
     learning_rate,
+    preset_config,
     read_metrics,
     train,
 )
-
-# A model small enough for many short runs: two layers (local + LSH), 64-token windows.
-SMALL_MODEL = dict(
-    d_model=32, n_heads=2, n_layers=2, d_ff=64, bucket_size=8, n_hashes=2,
-    attn_layers=("local", "lsh"), local_chunk_size=16,
-)  # fmt: skip
-SMALL_FLAGS = [
-    "--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--d-ff", "64", "--bucket-size", "8",
-    "--attn-layers", "local,lsh", "--seq-len", "64", "--batch-size", "4", "--no-progress", "--no-sample",
-]  # fmt: skip
+from tests.conftest import SMALL_FLAGS, SMALL_MODEL
+from tests.conftest import small_lm_config as small_config
 
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus_file(tmp_path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    return path
-
-
-def small_config(data: Path | None, **changes) -> TrainConfig:
-    settings = dict(
-        model=dict(SMALL_MODEL), data=[str(data)] if data else [], seq_len=64, batch_size=4, steps=10,
-        lr=3e-3, warmup=5, eval_every=5, save_every=5, eval_batches=2, progress=False,
-    )  # fmt: skip
-    settings.update(changes)
-    return TrainConfig(**settings)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -409,7 +385,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(
     # The n-th row drawn ignores (n % 4) quarters of its targets, so the micro-batches of an accumulated
     # step hold different numbers of target tokens: the step must still be the full batch's mean over all
     # of its target tokens, not the mean of the micro-batches' means.
-    draw, drawn = Batches.draw, itertools.count()
+    draw, drawn = LanguageModelTask.batch, itertools.count()
 
     def uneven(self, size, generator, split="train"):
         inputs, targets = draw(self, size, generator, split)
@@ -418,7 +394,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(
             targets[row, : next(drawn) % 4 * targets.shape[1] // 4] = IGNORE_INDEX
         return inputs, targets
 
-    monkeypatch.setattr(Batches, "draw", uneven)
+    monkeypatch.setattr(LanguageModelTask, "batch", uneven)
     model = {**SMALL_MODEL, "hash_seed": 3}
     runs = {}
     for accum in (1, 2, 4):
@@ -441,7 +417,7 @@ def test_bf16_autocast_trains(tmp_path, corpus_file):
 def test_a_training_step_is_deterministic_at_the_tiny_presets_size():
     # Bit-exact resume needs bit-exact steps. At this size CPU kernels run multi-threaded, where an
     # accumulating index_put_ (the backward of weight[index]) once made position gradients vary.
-    cfg = TrainConfig(**PRESETS["tiny"])
+    cfg = preset_config("tiny")
     torch.manual_seed(0)
     model = ReformerLM(cfg.model_config())
     ids = torch.randint(0, 256, (8, cfg.seq_len), generator=torch.Generator().manual_seed(1))

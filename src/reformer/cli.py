@@ -2,7 +2,8 @@
 
 Each command is one ``add_<command>(subparsers)`` function that passes its name, help, options and the
 function that runs it (``handler(args, parser) -> exit code``) to :func:`register`; list it in
-``COMMANDS``. Commands
+``COMMANDS``. Options that depend on the command line itself (the flags of the task a run trains) come
+from ``add_later(parser, args)``, called with the command's arguments before they are parsed. Commands
 import their heavy modules inside the handler or the ``add_`` function, so ``reformer --help`` stays cheap.
 """
 
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+AddLater = Callable[[argparse.ArgumentParser, list[str]], None]
 
 
 def register(
@@ -22,30 +24,42 @@ def register(
     description: str | None,
     add_arguments: Callable[[argparse.ArgumentParser], None],
     handler: Handler,
+    add_later: AddLater | None = None,
 ) -> None:
-    """Add the ``name`` command: its parser (``description`` shown verbatim), options and handler."""
+    """Add the ``name`` command: its parser (``description`` shown verbatim), options and handler;
+    ``add_later(parser, args)`` adds the options that depend on the command's arguments ``args``."""
     p = subparsers.add_parser(
         name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(p)
     p.set_defaults(handler=handler, parser=p)
+    p.add_later = add_later
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    """``reformer train``: train a language model (or the copy task); resumable, DDP under torchrun."""
+    """``reformer train``: train a model on a task (--task); resumable, DDP under torchrun."""
     from . import train
 
-    help = "train a Reformer LM on files, enwik8 or the default corpus (or the copy task)"
-    register(subparsers, "train", help, train.__doc__, train.add_train_arguments, train.run_train)
+    help = "train a Reformer on a task: language modelling (default), copy, encoders, encoder-decoders"
+    register(
+        subparsers, "train", help, train.__doc__, train.add_train_arguments, train.run_train,
+        train.add_task_arguments,
+    )  # fmt: skip
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> None:
-    """``reformer eval``: held-out bits per byte (or copy-task accuracy) of a trained run."""
+    """``reformer eval``: the held-out metrics of a trained run (its task's)."""
     from . import train
 
-    help = "held-out bits per byte on the test split, or copy-task accuracy, of a run"
-    description = "Evaluate a run folder; the last line is bits_per_byte=X or accuracy=X."
-    register(subparsers, "eval", help, description, train.add_eval_arguments, train.run_eval)
+    help = "held-out metrics of a run: bits per byte on the test split, accuracy, ..."
+    description = (
+        "Evaluate a run folder on its task's test data; the last line is bits_per_byte=X or accuracy=X\n"
+        "(macro_f1=X for classifiers). The run's task adds flags: reformer eval RUN --help lists them."
+    )
+    register(
+        subparsers, "eval", help, description, train.add_eval_arguments, train.run_eval,
+        train.add_task_eval_arguments,
+    )  # fmt: skip
 
 
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -62,13 +76,13 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 def add_predict(subparsers: argparse._SubParsersAction) -> None:
     """``reformer predict``: labels and probabilities of a trained classifier for texts."""
-    from .train import encoder_commands
+    from .train import predict_command
 
     help = "labels and probabilities from a classifier run (--task classify | listops) for texts"
     description = "One line per text: the label, its probability, then the top classes as label=p."
     register(
-        subparsers, "predict", help, description, encoder_commands.add_predict_arguments,
-        encoder_commands.run_predict,
+        subparsers, "predict", help, description, predict_command.add_predict_arguments,
+        predict_command.run_predict,
     )  # fmt: skip
 
 
@@ -122,7 +136,9 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of ``reformer``; for ``argv`` (a command line) with the options the chosen command adds
+    for it (``add_later``)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -133,12 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
     for add in COMMANDS:
         add(subparsers)
+    # The top level has only switches, so the first word is the command.
+    at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    command = subparsers.choices.get(argv[at]) if at is not None else None
+    if command is not None and command.add_later is not None:
+        command.add_later(command, list(argv[at + 1 :]))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns its exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -15,7 +15,11 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 # Which keys a query sees in an LSH round: "chunks" (trax/HF: its sorted chunk and the neighbour chunks)
 # or "own_bucket" (truly causal: the last W earlier keys of its own bucket); see lsh_attention.
 KEY_RULES = ("chunks", "own_bucket")
-POSITION_KINDS = ("axial", "sinusoidal")
+# How a model knows positions: learned axial embeddings, fixed sinusoidal ones, rotary positions in the
+# local and exact layers (nothing added to the embeddings), or none at all.
+POSITION_KINDS = ("axial", "sinusoidal", "rotary", "none")
+# The schemes without a table of positions: they serve any length up to max_seq_len, which costs nothing.
+LENGTH_FREE_POSITIONS = ("rotary", "none")
 
 
 def _is_even_positive(n: Any) -> bool:
@@ -74,8 +78,10 @@ class ReformerConfig:
     # position embeddings: axial shape (prod >= max_seq_len) and per-axis dims (sum == d_model)
     axial_pos_shape: tuple[int, ...] | None = None
     axial_pos_dims: tuple[int, ...] | None = None
-    # "axial" (learned, the above) or "sinusoidal" (fixed; the axial settings are then unused)
+    # "axial" (learned, the above), "sinusoidal" (fixed), "rotary" or "none" (the axial settings unused)
     position_embedding: str = "axial"
+    rotary_base: float = 10000.0
+    token_shift: bool = False
     # regularisation and numerics
     dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -149,6 +155,12 @@ class ReformerConfig:
             raise ValueError(
                 f"position_embedding={self.position_embedding!r} is unknown; use one of {POSITION_KINDS}"
             )
+        if self.position_embedding == "rotary" and self.d_head % 2:
+            raise ValueError(f"position_embedding='rotary' needs an even d_head, got {self.d_head}")
+        if not isinstance(self.token_shift, bool):
+            raise ValueError(f"token_shift={self.token_shift!r} must be True or False")
+        if not (isinstance(self.rotary_base, (int, float)) and self.rotary_base > 1):
+            raise ValueError(f"rotary_base={self.rotary_base!r} must be a number above 1")
         if math.prod(self.axial_pos_shape) < self.max_seq_len:
             raise ValueError(
                 f"axial_pos_shape={self.axial_pos_shape} covers {math.prod(self.axial_pos_shape)} positions "

@@ -1,5 +1,5 @@
 """Byte-level corpora: the default corpus (this Python's standard library), user files, enwik8, random
-windows, and the paper's duplication (copy) task."""
+and contiguous windows."""
 
 from __future__ import annotations
 
@@ -234,27 +234,5 @@ def _copy_to(source, path: Path) -> None:
         shutil.copyfileobj(source, out, COPY_BLOCK)
 
 
-# ---- the duplication task (paper, section 5) -------------------------------------------------------
-
-COPY_SYMBOLS = 127  # symbols 1..127; 0 separates the halves
+# Targets with this id do not count in a loss (PyTorch's cross-entropy default).
 IGNORE_INDEX = -100
-
-
-def copy_task_batch(
-    batch_size: int, length: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences ``0 w 0 w`` of ``length`` tokens (``w``: ``length / 2 - 1`` random symbols in 1..127).
-
-    Returns ``inputs`` ``(batch_size, length)`` int64 and next-token ``targets`` of the same shape that
-    are ``IGNORE_INDEX`` except where the second copy of ``w`` is predicted (positions
-    ``length / 2 .. length - 2``), so loss and accuracy count only the second half.
-    """
-    if length < 4 or length % 2:
-        raise ValueError(f"copy task length={length} must be even and at least 4")
-    half = length // 2
-    w = torch.randint(1, COPY_SYMBOLS + 1, (batch_size, half - 1), generator=generator)
-    zero = torch.zeros(batch_size, 1, dtype=torch.long)
-    inputs = torch.cat([zero, w, zero, w], dim=1)
-    targets = torch.full_like(inputs, IGNORE_INDEX)
-    targets[:, half:-1] = inputs[:, half + 1 :]
-    return inputs, targets

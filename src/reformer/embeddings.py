@@ -93,9 +93,14 @@ class ReformerEmbeddings(nn.Module):
     """Token embedding plus position embedding, then dropout.
 
     ``position_embedding`` is ``"axial"`` (learned, :class:`AxialPositionEmbedding` over ``axial_shape`` /
-    ``axial_dims``) or ``"sinusoidal"`` (fixed, :class:`SinusoidalPositionEmbedding` with amplitude
+    ``axial_dims``), ``"sinusoidal"`` (fixed, :class:`SinusoidalPositionEmbedding` with amplitude
     ``sqrt(2) * init_std``: each component then has the root-mean-square of a token embedding at
-    initialisation, so neither drowns the other).
+    initialisation, so neither drowns the other), or ``"rotary"`` / ``"none"``: nothing is added here
+    (rotary positions act inside the attention layers).
+
+    With ``token_shift`` the second half of each position's features is the previous token's (before
+    dropout); ``previous_ids`` ``(batch, 1)`` is the token before the first (None: nothing, zeros), for a
+    sequence continued from an earlier one (cached decoding, a slice of a longer sequence).
 
     Shapes: ``input_ids`` ``(batch, length)`` int64 -> ``(batch, length, d_model)``; ``position_ids``
     ``(length,)`` or ``(batch, length)`` int64 (default ``0 .. length - 1``).
@@ -110,23 +115,47 @@ class ReformerEmbeddings(nn.Module):
         dropout: float = 0.0,
         position_embedding: str = "axial",
         init_std: float = 0.02,
+        token_shift: bool = False,
     ) -> None:
         super().__init__()
+        self.token_shift = token_shift
         self.tokens = nn.Embedding(vocab_size, d_model)
         if position_embedding == "sinusoidal":
             self.positions = SinusoidalPositionEmbedding(d_model, amplitude=math.sqrt(2.0) * init_std)
         elif position_embedding == "axial":
             self.positions = AxialPositionEmbedding(axial_shape, axial_dims)
+        elif position_embedding in ("rotary", "none"):
+            self.positions = None
         else:
             raise ValueError(
-                f"position_embedding={position_embedding!r} is unknown; use 'axial' or 'sinusoidal'"
+                f"position_embedding={position_embedding!r} is unknown; use 'axial', 'sinusoidal', "
+                "'rotary' or 'none'"
             )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        previous_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        tokens = self.tokens(input_ids)
+        x = self.tokens(input_ids)
+        if self.token_shift:
+            x = shift_tokens(x, None if previous_ids is None else self.tokens(previous_ids))
         if isinstance(self.positions, SinusoidalPositionEmbedding):
-            return self.dropout(tokens + self.positions(position_ids, tokens.dtype))
-        return self.dropout(tokens + self.positions(position_ids))
+            x = x + self.positions(position_ids, x.dtype)
+        elif self.positions is not None:
+            x = x + self.positions(position_ids)
+        return self.dropout(x)
+
+
+def shift_tokens(x: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``(batch, length, d)`` with its last ``d - d // 2`` features taken from the previous position
+    (from ``before`` ``(batch, 1, d)`` at the first position, zeros when None)."""
+    half = x.shape[-1] // 2
+    if before is None:
+        before = x.new_zeros(x.shape[0], 1, x.shape[-1])
+    previous = torch.cat([before[..., half:], x[:, :-1, half:]], dim=1)
+    return torch.cat([x[..., :half], previous], dim=-1)

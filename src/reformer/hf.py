@@ -118,6 +118,10 @@ def config_to_hf_dict(config: ReformerConfig) -> dict[str, Any]:
             f"HF's Reformer has only axial position embeddings; position_embedding="
             f"{config.position_embedding!r} cannot be converted (train with position_embedding='axial')"
         )
+    if config.token_shift:
+        raise ValueError(
+            "HF's Reformer has no token shift; a model with token_shift=True cannot be converted"
+        )
     n_buckets = config.n_buckets
     return dict(
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_attention_heads=config.n_heads,

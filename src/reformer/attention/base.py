@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..hashing import rotation_heads
+from .rotary import rotate_queries_keys
 from .sequence_shard import heads_to_tokens, tokens_to_heads
 
 
@@ -25,6 +26,7 @@ class SelfAttentionBase(nn.Module):
     """
 
     sequence_group = None  # a torch.distributed process group while sequence parallel
+    rotary_base: float | None = None  # set: queries and keys take rotary positions (see rotary.py)
 
     def __init__(self, d_model: int, n_heads: int, d_head: int | None, dropout: float) -> None:
         super().__init__()
@@ -45,6 +47,18 @@ class SelfAttentionBase(nn.Module):
             return tokens_to_heads(x, self.n_heads, self.sequence_group)
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q``, ``k`` ``(batch, heads, length, head_dim)`` rotated to ``positions`` (``(length,)`` or
+        ``(batch, length)``; default ``0 .. length - 1``) when the layer uses rotary positions, else as
+        given. Scores depend on offsets only, so the first position of a sequence does not matter."""
+        if self.rotary_base is None:
+            return q, k
+        if positions is None:
+            positions = torch.arange(q.shape[2], device=q.device)
+        return rotate_queries_keys(q, k, positions, self.rotary_base)
 
     def head_context(self) -> contextlib.AbstractContextManager:
         """Random draws per head (LSH rotations) inside this context are those of this rank's heads."""

@@ -51,8 +51,10 @@ class FullSelfAttention(SelfAttentionBase):
         causal: bool = False,
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
+        rotary_base: float | None = None,
     ) -> None:
         super().__init__(d_model, n_heads, d_head, dropout)
+        self.rotary_base = rotary_base
         self.causal, self.attn_dropout = causal, attn_dropout
         self.to_q, self.to_k, self.to_v = self.projection(), self.projection(), self.projection()
 
@@ -67,6 +69,7 @@ class FullSelfAttention(SelfAttentionBase):
         """``x``: ``(batch, length, d_model)``; ``n_hashes`` and ``replay`` are accepted and ignored
         (SDPA's dropout draws from the default generator, whose state the reversible stack restores)."""
         q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k = self.rotate(q, k)
         dropout_p = self.attn_dropout if self.training else 0.0
         out = full_attention(q, k, v, causal=self.causal, attention_mask=attention_mask, dropout_p=dropout_p)
         return self.output(out)

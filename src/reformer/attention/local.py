@@ -79,8 +79,10 @@ class LocalSelfAttention(SelfAttentionBase):
         n_chunks_after: int = 0,
         attn_dropout: float = 0.0,
         dropout: float = 0.0,
+        rotary_base: float | None = None,
     ) -> None:
         super().__init__(d_model, n_heads, d_head, dropout)
+        self.rotary_base = rotary_base
         self.chunk_size, self.causal, self.attn_dropout = chunk_size, causal, attn_dropout
         self.n_chunks_before, self.n_chunks_after = n_chunks_before, n_chunks_after
         self.to_q, self.to_k, self.to_v = self.projection(), self.projection(), self.projection()
@@ -95,6 +97,7 @@ class LocalSelfAttention(SelfAttentionBase):
     ) -> torch.Tensor:
         """``x``: ``(batch, length, d_model)``; ``n_hashes`` and ``replay`` are accepted and ignored."""
         q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k = self.rotate(q, k)
         dropout_p = self.attn_dropout if self.training else 0.0
         dropout_seed = draw_call_seed() if dropout_p > 0.0 else None
         out = local_attention(

@@ -32,6 +32,7 @@ class GenerationCache:
     max_length: int
     n_buckets: int | tuple[int, ...]
     n_hashes: int | None
+    last_ids: torch.Tensor | None = None  # (batch, 1): each row's newest token, for the token shift
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (allocated capacity, not just the used part)."""
@@ -166,6 +167,7 @@ def prefill(
                 )
         else:
             q, k, v = (attn.split_heads(proj(h)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+            q, k = attn.rotate(q, k)
             if isinstance(attn, LocalSelfAttention):
                 out = local_attention(
                     q, k, v, chunk_size=attn.chunk_size, causal=True, attention_mask=attention_mask,
@@ -185,8 +187,9 @@ def prefill(
     logits = _logits_at(model, y1, y2, lengths - 1)
     if not keep_cache:
         return logits, None
+    last_ids = ids.gather(1, (lengths - 1).clamp(min=0)[:, None])
     cache = GenerationCache(
-        caches, lengths.clone(), int(lengths.max()), settings.n_buckets, settings.n_hashes
+        caches, lengths.clone(), int(lengths.max()), settings.n_buckets, settings.n_hashes, last_ids
     )
     return logits, cache
 
@@ -216,7 +219,9 @@ def decode_step(model: ReformerLM, cache: GenerationCache, next_ids: torch.Tenso
             f"the cached sequence would exceed max_seq_len={model.config.max_seq_len}; "
             "generate with use_cache=False to slide a window over the context"
         )
-    x = model.embeddings(next_ids.view(-1, 1).long(), position_ids=lengths.view(-1, 1))
+    next_ids = next_ids.view(-1, 1).long()
+    x = model.embeddings(next_ids, position_ids=lengths.view(-1, 1), previous_ids=cache.last_ids)
+    cache.last_ids = next_ids
     y1, y2 = x, x
     for block, layer in zip(model.layers.blocks, cache.layers, strict=True):
         attn, h = block.attention, block.attn_norm(y2)
@@ -228,6 +233,7 @@ def decode_step(model: ReformerLM, cache: GenerationCache, next_ids: torch.Tenso
                 out = lsh_decode_step(layer, qk, v, lengths, max_length)
         else:
             q, k, v = (attn.split_heads(proj(h)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+            q, k = attn.rotate(q, k, lengths.view(-1, 1))
             if isinstance(attn, LocalSelfAttention):
                 out = local_decode_step(layer, q, k, v, lengths)
             else:

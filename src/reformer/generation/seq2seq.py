@@ -102,11 +102,13 @@ class _DecoderCache:
         self.values: list[torch.Tensor | None] = [None] * len(model.decoder.blocks)
 
 
-def _self_step(block, layer: int, cache: _DecoderCache, b: torch.Tensor) -> torch.Tensor:
-    """Causal exact self-attention of the newest position ``b`` ``(batch, 1, d_model)`` over the cache."""
+def _self_step(block, layer: int, cache: _DecoderCache, b: torch.Tensor, position: int) -> torch.Tensor:
+    """Causal exact self-attention of the newest position ``b`` ``(batch, 1, d_model)`` (at ``position``)
+    over the cache."""
     attn = block.self_attention
     h = block.self_norm(b)
     q, k, v = (attn.split_heads(proj(h)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    q, k = attn.rotate(q, k, torch.tensor([position], device=b.device))
     if cache.keys[layer] is not None:
         k, v = torch.cat([cache.keys[layer], k], 2), torch.cat([cache.values[layer], v], 2)
     cache.keys[layer], cache.values[layer] = k, v
@@ -120,7 +122,7 @@ def _cached_step(model, cache: _DecoderCache, ids: torch.Tensor, position: int, 
     for layer, block in enumerate(model.decoder.blocks):
         for kind in STEPS:
             if kind == "self":
-                out = _self_step(block, layer, cache, b)
+                out = _self_step(block, layer, cache, b, position)
             elif kind == "cross" and cache.lsh[layer] is not None:
                 cross = block.cross_attention
                 q = cross.split_heads(cross.to_q(block.cross_norm(b)))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
-from ..config import ReformerConfig, read_json_object
+from ..config import LENGTH_FREE_POSITIONS, ReformerConfig, read_json_object
 from ..embeddings import AxialPositionEmbedding, ReformerEmbeddings, position_ids
 from ..feedforward import FeedForward
 from ..files import atomic_write, atomic_write_text
@@ -41,7 +41,7 @@ def build_embeddings(cfg: ReformerConfig) -> ReformerEmbeddings:
     """Token and position embeddings of a stack configured by ``cfg``."""
     return ReformerEmbeddings(
         cfg.vocab_size, cfg.d_model, cfg.axial_pos_shape, cfg.axial_pos_dims, cfg.dropout,
-        cfg.position_embedding, cfg.initializer_range,
+        cfg.position_embedding, cfg.initializer_range, cfg.token_shift,
     )  # fmt: skip
 
 
@@ -63,6 +63,8 @@ def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
             n_chunks_after=cfg.lsh_chunks_after, hash_seed=cfg.hash_seed,
             eval_hash_seed=EVAL_HASH_SEED_BASE + layer, **common,
         )  # fmt: skip
+    if cfg.position_embedding == "rotary":  # LSH layers hash content alone: no positions there
+        common["rotary_base"] = cfg.rotary_base
     if kind == "local":
         common["attn_dropout"] = cfg.local_dropout()
         return LocalSelfAttention(
@@ -70,6 +72,18 @@ def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
             n_chunks_before=cfg.local_chunks_before, n_chunks_after=cfg.local_chunks_after, **common,
         )  # fmt: skip
     return FullSelfAttention(cfg.d_model, cfg.n_heads, **common)
+
+
+def too_long_message(length: int, cfg: ReformerConfig) -> str:
+    """Why ``length`` tokens do not fit a model configured by ``cfg``, and what would."""
+    message = f"input length {length} exceeds max_seq_len={cfg.max_seq_len}; shorten the input"
+    if cfg.position_embedding in LENGTH_FREE_POSITIONS:
+        return message + " or raise max_seq_len (no parameters depend on it with these positions)"
+    return (
+        message + f": position_embedding={cfg.position_embedding!r} has no positions beyond it. "
+        "Models with position_embedding='rotary' (or 'none') run at any length; their max_seq_len is "
+        "only a limit"
+    )
 
 
 def _real_first_order(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -90,6 +104,11 @@ def chunked_cross_entropy(
     recomputed in the backward pass, so ``length x n_classes`` logits are never held at once.
     ``hidden``: ``(batch, length, 2 * d_model)``."""
     dtype = loss_dtype(hidden.dtype) if dtype is None else dtype
+    counted = targets != ignore_index
+    if not torch.compiler.is_compiling() and not bool(counted.all()):
+        # Only the counted positions need logits: a task that scores a few answer tokens in a long
+        # sequence (passkey, recall) pays for those rows, not for length x n_classes.
+        hidden, targets = hidden[counted][None], targets[counted][None]
     total = hidden.new_zeros((), dtype=dtype)
     for h, t in zip(hidden.split(chunk_size, dim=1), targets.split(chunk_size, dim=1), strict=True):
         if torch.is_grad_enabled() and h.requires_grad:
@@ -177,10 +196,7 @@ class ReformerTrunk(nn.Module):
         if length == 0:
             raise ValueError("input_ids is empty along the length axis; give at least one token")
         if length > self.config.max_seq_len:
-            raise ValueError(
-                f"input length {length} exceeds max_seq_len={self.config.max_seq_len}; "
-                "shorten the input or build the model with a larger max_seq_len"
-            )
+            raise ValueError(too_long_message(length, self.config))
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "

@@ -61,6 +61,10 @@ class Seq2SeqConfig:
             raise ValueError(
                 "the decoder's self-attention must be causal: build its ReformerConfig with causal=True"
             )
+        if self.encoder.token_shift or self.decoder.token_shift:
+            raise ValueError(
+                "the encoder-decoder does not take token_shift yet; build it with token_shift=False"
+            )
         if self.cross_attention not in CROSS_KINDS:
             raise ValueError(f"cross_attention={self.cross_attention!r} is unknown; use one of {CROSS_KINDS}")
         for name in ("cross_n_heads", "cross_chunk_size", "cross_n_hashes"):

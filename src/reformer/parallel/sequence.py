@@ -114,7 +114,8 @@ class SequenceParallelLM(nn.Module):
         local = input_ids.shape[1] // self.size
         start = self.rank * local
         positions = torch.arange(start, start + local, device=input_ids.device)
-        x = model.embeddings(input_ids[:, start : start + local].long(), positions)
+        previous = input_ids[:, start - 1 : start].long() if start > 0 else None
+        x = model.embeddings(input_ids[:, start : start + local].long(), positions, previous)
         y1, y2 = model.layers(x, x, attention_mask, n_hashes)
         return model.final_norm(torch.cat([y1, y2], dim=-1)), order, attention_mask
 

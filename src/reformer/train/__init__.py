@@ -1,5 +1,7 @@
 """Training and evaluation: presets, AdamW with warm-up + rsqrt decay, accumulation, AMP, DDP,
-atomic and exactly resumable checkpoints, metrics (JSONL + PNG), and the ``train`` / ``eval`` commands.
+atomic and exactly resumable checkpoints, metrics (JSONL + PNG), and the ``train`` / ``eval`` /
+``predict`` commands. What differs between tasks (data, model, loss, metrics) is the task's
+(:mod:`reformer.tasks`).
 
 A run folder holds ``train_config.json`` (everything that defines the run), ``metrics.jsonl``,
 ``loss.png``, the latest weights as a model folder (``config.json`` + ``model.safetensors``, so
@@ -8,50 +10,51 @@ optimiser state, RNG states and ``trainer_state.json``. A checkpoint folder is w
 temporary name and renamed when complete, so an interrupted save never leaves a half checkpoint.
 """
 
-# Modules (this docstring is also `reformer train --help`'s description): config (run settings, presets,
-# schedule), batches, loop, checkpoints (with the RNG states), distributed, metrics (JSONL, plot, progress
-# bar), evaluation, commands (`reformer train` / `reformer eval`); the encoder tasks: encoder_tasks (mlm,
-# classify, listops: data, model, objective, metrics), masking, encoder_commands (their flags, eval, predict).
+# Modules (this docstring is also `reformer train --help`'s description): config (run settings,
+# train_config.json, presets, schedule), loop, checkpoints (with the RNG states), distributed, metrics
+# (JSONL, plot, progress bar), runs (load_run, evaluate_run), train_command / eval_command /
+# predict_command (the commands).
 
-from .batches import Batches
 from .checkpoints import checkpoint_dirs, load_checkpoint, save_checkpoint
-from .commands import (
-    add_eval_arguments,
-    add_train_arguments,
-    config_from_args,
-    resumed_config,
-    run_eval,
-    run_train,
-)
-from .config import PRESETS, TrainConfig, TrainingError, learning_rate
+from .config import TrainConfig, TrainingError, learning_rate, preset_config, read_train_config
 from .distributed import Distributed
-from .evaluation import evaluate_batches, evaluate_run, load_run, sample_text
+from .eval_command import add_eval_arguments, add_task_eval_arguments, run_eval
 from .loop import TrainResult, train
 from .metrics import MetricsLog, plot_metrics, read_metrics
+from .runs import evaluate_run, load_run
+from .train_command import (
+    add_task_arguments,
+    add_train_arguments,
+    config_from_args,
+    parse_train_args,
+    resumed_config,
+    run_train,
+)
 
 __all__ = [
-    "PRESETS",
-    "Batches",
     "Distributed",
     "MetricsLog",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
     "add_eval_arguments",
+    "add_task_arguments",
+    "add_task_eval_arguments",
     "add_train_arguments",
     "checkpoint_dirs",
     "config_from_args",
-    "evaluate_batches",
     "evaluate_run",
     "learning_rate",
     "load_checkpoint",
     "load_run",
+    "parse_train_args",
     "plot_metrics",
+    "preset_config",
     "read_metrics",
+    "read_train_config",
     "resumed_config",
     "run_eval",
     "run_train",
-    "sample_text",
     "save_checkpoint",
     "train",
 ]

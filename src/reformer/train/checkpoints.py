@@ -12,9 +12,7 @@ from typing import Any
 import torch
 
 from ..config import read_json_object
-from ..model import ReformerLM
-from .batches import Batches
-from .config import TrainingError
+from ..tasks import TrainingError
 
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -29,7 +27,9 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(run: Path, state: dict[str, Any], model: ReformerLM, optimizer, rng: dict, keep: int):
+def save_checkpoint(
+    run: Path, state: dict[str, Any], model: torch.nn.Module, optimizer, rng: dict, keep: int
+):
     """Write ``checkpoints/step-N`` atomically (temporary folder + rename), refresh the run folder's
     model files, and drop all but the newest ``keep`` checkpoints. Returns the checkpoint folder."""
     root = run / CHECKPOINTS_DIR
@@ -54,7 +54,9 @@ def save_checkpoint(run: Path, state: dict[str, Any], model: ReformerLM, optimiz
     return final
 
 
-def load_checkpoint(folder: Path, model: ReformerLM, optimizer, device: torch.device) -> tuple[dict, dict]:
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer, device: torch.device
+) -> tuple[dict, dict]:
     """Restore weights and optimiser state from ``folder``; returns (trainer state, RNG states)."""
     state = read_json_object(
         folder / TRAINER_STATE_FILE, "the checkpoint is damaged; delete it to resume from the one before"
@@ -74,15 +76,16 @@ def load_checkpoint(folder: Path, model: ReformerLM, optimizer, device: torch.de
     return state, rng
 
 
-def rng_states(batches: Batches) -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state(), "data": batches.generator.get_state()}
+def rng_states(data: torch.Generator) -> dict[str, Any]:
+    """The global CPU (and CUDA) generator states and that of the training batches, ``data``."""
+    states = {"torch": torch.get_rng_state(), "data": data.get_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def restore_rng(states: dict[str, Any], batches: Batches) -> None:
+def restore_rng(states: dict[str, Any], data: torch.Generator) -> None:
     torch.set_rng_state(states["torch"])
-    batches.generator.set_state(states["data"])
+    data.set_state(states["data"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

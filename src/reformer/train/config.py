@@ -1,133 +1,89 @@
-"""The settings of a training run (``train_config.json``), the presets, and the learning-rate schedule."""
+"""The settings of a training run (``train_config.json``), the presets, and the learning-rate schedule.
+
+``train_config.json`` (``"format": 2``) holds the run settings at the top level, ``"task"``, the model
+settings under ``"model"`` (every field of the task's :class:`~reformer.tasks.ModelSettings`; null:
+derived from the task and the length) and the task's own settings under ``"task_settings"``.
+``reformer train --config FILE`` reads the same layout, any part of it. Runs saved before this layout
+(flat task settings, a partial ``"model"``) are read by :func:`from_legacy_dict`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..config import ReformerConfig, dataclass_from_dict, default_axial_shape
-from ..models.heads import POOLINGS
+from ..config import read_json_object
+from ..tasks import ModelSettings, Task, TrainingError, get_task, presets, tasks_with_setting
+from ..tasks import settings as typed
+from ..tasks.settings import setting
 from .loggers import check_logger_names
 
 TRAIN_CONFIG_FILE = "train_config.json"
-TASKS = ("lm", "copy", "mlm", "classify", "listops", "reverse", "sort", "pairs")
-SEQ2SEQ_TASKS = ("reverse", "sort", "pairs")  # encoder-decoder tasks: train/seq2seq.py
+FORMAT = 2
 SCHEDULES = ("rsqrt", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
-COPY_VOCAB = 128  # symbols 0..127
-ENCODER_VOCAB = {"mlm": 257, "classify": 257, "listops": 15}  # bytes + the mask id; ListOps' 15 symbols
+# Settings of the old flat layout that belonged to tasks; a task that lacks one ignored it.
+LEGACY_TASK_KEYS = ("data", "valid", "init", "truncate", "labels", "min_len", "curriculum_start",
+                    "curriculum_loss", "eval_min_len", "pooling")  # fmt: skip
 
-# Model settings and run settings per preset; command-line flags override them.
-# fmt: off
-PRESETS: dict[str, dict[str, Any]] = {
-    # About 3 minutes on 2 CPU cores: the first run (make run) and the tests.
-    # Not reversible: at 512 tokens memory is no constraint and the recomputing backward costs ~1.46x
-    # the time. One sequence per step, a narrow feed-forward and a moderate learning rate learn the most
-    # per second at this budget (docs/quality.md, "make run"); 32 held-out windows per evaluation.
-    "tiny": dict(
-        model=dict(d_model=128, n_heads=4, n_layers=4, d_ff=256, bucket_size=32, n_hashes=2,
-                   attn_layers=("local", "lsh", "local", "lsh"), local_chunk_size=64, reversible=False),
-        seq_len=512, batch_size=1, steps=3400, lr=1.4e-3, warmup=100, schedule="cosine", eval_every=850,
-        eval_batches=32, save_every=850,
-    ),
-    # The duplication task at a CPU size: one LSH layer over 256 tokens, learned positions; the copy presets
-    # keep the paper's (trax/HF) LSH rule, the one its Table 2 measured.
-    "copy": dict(
-        task="copy",
-        model=dict(vocab_size=COPY_VOCAB, d_model=256, n_heads=4, n_layers=1, d_ff=512, bucket_size=32,
-                   n_hashes=4, attn_layers=("lsh",), lsh_key_rule="chunks", axial_pos_shape=(256,),
-                   axial_pos_dims=(256,)),
-        seq_len=256, batch_size=32, steps=600, lr=3e-3, warmup=100, eval_every=100, save_every=200,
-    ),
-    # The paper's duplication setting (section 5): length 1024, one layer, d_model 256, 4 heads.
-    "copy-paper": dict(
-        task="copy",
-        model=dict(vocab_size=COPY_VOCAB, d_model=256, n_heads=4, n_layers=1, d_ff=512, bucket_size=64,
-                   n_hashes=4, attn_layers=("lsh",), lsh_key_rule="chunks", axial_pos_shape=(1024,),
-                   axial_pos_dims=(256,)),
-        seq_len=1024, batch_size=32, steps=3000, lr=2e-3, warmup=200, eval_every=250, save_every=500,
-    ),
-    # Encoder-decoder (train/seq2seq.py): 2 + 2 layers, exact cross-attention, learned positions.
-    "seq2seq": dict(
-        task="reverse",
-        model=dict(d_model=128, n_heads=4, n_layers=2, d_ff=256, attn_layers=("full", "full"),
-                   axial_pos_shape=(128,), axial_pos_dims=(128,), cross_attention="full"),
-        seq_len=128, batch_size=16, steps=1000, lr=2e-3, warmup=100, eval_every=100, save_every=200,
-        eval_batches=4,
-    ),
-    # ListOps (train/encoder_tasks.py) at a CPU size: lengths 129-512, a small local/LSH encoder
-    # (docs/encoders.md; LRA's lengths: --seq-len 2000 --min-len 500).
-    "listops": dict(
-        task="listops", min_len=128,
-        model=dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, bucket_size=32, n_hashes=2,
-                   attn_layers=("local", "lsh"), local_chunk_size=64),
-        seq_len=512, batch_size=16, steps=2000, lr=2e-3, warmup=30, eval_every=50, save_every=50,
-        eval_batches=16,
-    ),
-    # The paper's enwik8 model: 12 layers, d_model 1024, d_ff 4096, 8 heads, 64K tokens.
-    "enwik8": dict(
-        model=dict(d_model=1024, n_heads=8, n_layers=12, d_ff=4096, bucket_size=64, n_hashes=2,
-                   attn_layers=("local", "lsh") * 6, local_chunk_size=128, dropout=0.1),
-        seq_len=65536, batch_size=1, steps=100000, lr=2e-4, warmup=2000, eval_every=1000, save_every=500,
-        eval_batches=2,
-    ),
-}
-# fmt: on
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
+__all__ = ["PRECISIONS", "SCHEDULES", "TRAIN_CONFIG_FILE", "TrainConfig", "TrainingError", "learning_rate"]
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (saved as ``train_config.json``)."""
+    """Everything that defines a training run (saved as ``train_config.json``): the task, its settings
+    (``task_settings``, the task's ``Settings`` dataclass), the model settings (``model``, the task's
+    ``Model`` class) and the run settings below. ``model`` and ``task_settings`` may be given as dicts
+    of their fields (None: the defaults)."""
 
-    model: dict[str, Any]
     task: str = "lm"
-    data: list[str] = field(default_factory=list)
-    seq_len: int = 512
-    batch_size: int = 8  # sequences per optimiser step, over all processes and accumulation steps
-    grad_accum: int = 1
-    steps: int = 300
-    lr: float = 6e-3
-    warmup: int = 50
-    schedule: str = "rsqrt"
-    cosine_steps: int | None = None  # None: the run's steps, so --resume --steps N stretches the curve
+    model: ModelSettings = None
+    task_settings: Any = None
+    seq_len: int = setting(512, "tokens per sequence")
+    batch_size: int = setting(8, "sequences per optimiser step over all processes and accumulation steps")
+    grad_accum: int = setting(1, "micro-batches per optimiser step")
+    steps: int = setting(300, "optimiser steps in total (a resumed run continues to this)")
+    lr: float = setting(6e-3, "peak learning rate")
+    warmup: int = setting(50, "linear warm-up steps")
+    schedule: str = setting(
+        "rsqrt", "rsqrt (independent of --steps) or cosine (to --cosine-steps)", choices=SCHEDULES
+    )
+    cosine_steps: int | None = setting(
+        None,
+        "horizon of the cosine schedule; unset, it follows --steps, also when --resume changes --steps "
+        "(a resumed run may set it)",
+        unset="--steps",
+    )
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
+    weight_decay: float = setting(0.01, "AdamW's weight decay")
     beta1: float = 0.9
     beta2: float = 0.98
-    clip: float | None = 1.0
-    precision: str = "auto"
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 100
+    clip: float | None = setting(1.0, "gradient-norm clipping (0: none)", unset="none")
+    precision: str = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
+    eval_every: int = setting(100, "steps between held-out evaluations")
+    eval_batches: int = setting(8, "held-out batches per evaluation")
+    save_every: int = setting(100, "steps between checkpoints")
     keep_checkpoints: int = 2
-    log_every: int = 10
-    log: list[str] = field(default_factory=list)  # loggers beside metrics.jsonl (train/loggers.py)
-    max_minutes: float | None = None
-    seed: int = 0
-    progress: bool = True
-    # Encoder tasks (train/encoder_tasks.py): the held-out set and pretrained encoder of `classify`,
-    # cutting over-long texts, the classes (recorded at the start), ListOps' shortest length (training;
-    # held out: eval_min_len, default min_len) and what the classification head reads (models/heads.py).
-    valid: list[str] = field(default_factory=list)
-    init: str | None = None
-    truncate: bool = False
-    labels: list[str] = field(default_factory=list)
-    min_len: int | None = None
-    # reverse / sort (train/seq2seq.py): a length curriculum of short examples centred in the position range,
-    # from this length, doubling when the training loss falls below curriculum_loss.
-    curriculum_start: int | None = None
-    curriculum_loss: float = 0.3
-    eval_min_len: int | None = None
-    pooling: str = "first"
+    log_every: int = setting(10, "steps between metrics lines")
+    log: list[str] = setting(
+        default_factory=list,
+        help="loggers beside metrics.jsonl: tensorboard (RUN/tensorboard; the [tensorboard] extra) or one "
+        "registered with reformer.train.loggers.register_logger",
+        metavar="NAME",
+    )
+    max_minutes: float | None = setting(None, "stop (and save) after this much wall time", unset="no limit")
+    seed: int = setting(0, "seed of the weights, the data and the hash rotations")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress", action="store_false")
+
+    def __post_init__(self) -> None:
+        task = get_task(self.task)
+        self.model = _as_settings(task.Model, self.model, self.task, "model")
+        self.task_settings = _as_settings(task.Settings, self.task_settings, self.task, "task_settings")
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r} is unknown; use one of {TASKS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is unknown; use one of {SCHEDULES}")
         if self.precision not in PRECISIONS:
@@ -149,58 +105,121 @@ class TrainConfig:
             raise ValueError(
                 f"cosine_steps={self.cosine_steps!r} must be a positive integer or None (--steps)"
             )
-        if self.task == "copy" and (self.seq_len % 2 or self.seq_len < 4):
-            raise ValueError(f"the copy task needs an even --seq-len of at least 4, got {self.seq_len}")
-        if self.curriculum_start is not None:
-            if self.task not in ("reverse", "sort"):
-                raise ValueError(f"--curriculum-start is for --task reverse / sort, not --task {self.task}")
-            if not isinstance(self.curriculum_start, int) or not 1 <= self.curriculum_start <= self.seq_len:
-                raise ValueError(f"--curriculum-start {self.curriculum_start!r} must lie in [1, --seq-len]")
-            if not self.curriculum_loss > 0:
-                raise ValueError(f"--curriculum-loss {self.curriculum_loss} must be positive")
-        for name in ("min_len", "eval_min_len"):
-            value = getattr(self, name)
-            if self.task == "listops" and value is not None and not 0 <= value < self.seq_len:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} {value} must lie in [0, --seq-len {self.seq_len})"
-                )
-        if self.eval_min_len is not None and self.task != "listops":
-            raise ValueError("--eval-min-len sets the held-out ListOps lengths; use it with --task listops")
         check_logger_names(self.log)
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r} is unknown; use one of {POOLINGS}")
-        if self.pooling != "first" and self.task not in ("classify", "listops"):
-            raise ValueError(
-                "--pooling is a classification head's setting; use it with --task classify or listops"
-            )
+        self.make_task().validate()
 
-    def model_config(self) -> ReformerConfig:
-        if self.task in SEQ2SEQ_TASKS:
-            from .seq2seq import model_config
+    def make_task(self) -> Task:
+        """The run's task, reading these settings."""
+        return get_task(self.task)(self)
 
-            return model_config(self)
-        settings = dict(self.model)
-        settings.setdefault("max_seq_len", self.seq_len)
-        if "axial_pos_shape" not in settings:
-            settings["axial_pos_shape"] = default_axial_shape(settings["max_seq_len"])
-        settings.setdefault(
-            "vocab_size", COPY_VOCAB if self.task == "copy" else ENCODER_VOCAB.get(self.task, 256)
-        )
-        if self.task in ENCODER_VOCAB:
-            settings.setdefault("causal", False)
-        return ReformerConfig(**settings)
+    def model_config(self):
+        return self.make_task().model_config()
+
+    def run_settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NESTED}
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.model.items()}
-        return out
+        return {
+            "format": FORMAT,
+            "task": self.task,
+            **self.run_settings(),
+            "model": typed.to_dict(self.model),
+            "task_settings": typed.to_dict(self.task_settings),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """The saved run ``data``; a run saved before ``lsh_key_rule`` existed keeps ``"chunks"``."""
-        if isinstance(data.get("model"), dict):
-            data = {**data, "model": {"lsh_key_rule": "chunks", **data["model"]}}
-        return dataclass_from_dict(cls, data, "train_config")
+        """A saved ``train_config.json``: this layout, or the flat one of older runs."""
+        if "format" not in data:
+            return from_legacy_dict(data)
+        if data["format"] != FORMAT:
+            raise ValueError(
+                f"train_config format {data['format']!r} is unknown; this version reads {FORMAT}"
+            )
+        data = {k: v for k, v in data.items() if k != "format"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown train_config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
+NESTED = ("task", "model", "task_settings")
+
+
+def _as_settings(cls: type, value: Any, task: str, what: str):
+    """``value`` (None, a dict of fields, or settings of another task) as ``cls``; a field another task
+    has is named with the tasks that take it."""
+    if isinstance(value, cls) and type(value) is cls:
+        return value
+    data = {} if value is None else value if isinstance(value, dict) else typed.to_dict(value)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in known and tasks_with_setting(name):
+            raise ValueError(other_tasks_setting(name, task))
+    return typed.from_dict(cls, data, f"--task {task} {what.replace('_', ' ')}")
+
+
+def other_tasks_setting(name: str, task: str) -> str:
+    """The message for a setting of other tasks given to ``task``."""
+    flag = "--" + name.replace("_", "-")
+    return f"{flag} is for --task {' / '.join(tasks_with_setting(name))}, not --task {task}"
+
+
+def from_legacy_dict(data: dict[str, Any]) -> TrainConfig:
+    """A ``train_config.json`` of the flat layout: task settings at the top level (those the task does
+    not have were ignored by it), ``"model"`` holding only what the preset and flags set. A run saved
+    before ``lsh_key_rule`` existed keeps ``"chunks"``."""
+    data = dict(data)
+    task = get_task(data.pop("task", TrainConfig.task))
+    model = {"lsh_key_rule": "chunks", **data.pop("model", {})}
+    own = {f.name for f in dataclasses.fields(task.Settings)}
+    task_settings = {k: data.pop(k) for k in LEGACY_TASK_KEYS if k in data and k in own}
+    for key in LEGACY_TASK_KEYS:
+        data.pop(key, None)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(NESTED)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown train_config keys {unknown}; known keys are {sorted(known)}")
+    return TrainConfig(task=task.name, model=model, task_settings=task_settings, **data)
+
+
+def read_train_config(run: str | Path) -> TrainConfig:
+    """The settings of the run folder ``run``."""
+    return TrainConfig.from_dict(read_json_object(Path(run) / TRAIN_CONFIG_FILE, "the run folder is damaged"))
+
+
+def saved_task(run: str | Path) -> str | None:
+    """The task of the run folder ``run`` (None: no run there)."""
+    path = Path(run) / TRAIN_CONFIG_FILE
+    return (
+        read_json_object(path, "the run folder is damaged").get("task", TrainConfig.task)
+        if path.is_file()
+        else None
+    )
+
+
+def preset_config(name: str, task: str | None = None) -> TrainConfig:
+    """The settings of preset ``name`` for ``task`` (default: the preset's own task)."""
+    found = presets()
+    if name not in found:
+        raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(sorted(found))}")
+    preset = found[name]
+    task = task or preset.task
+    if preset.tasks is not None and task not in preset.tasks:
+        fitting = sorted(n for n, p in found.items() if p.tasks is None or task in p.tasks)
+        raise ValueError(
+            f"--preset {name} is a {preset.task}-task preset; drop --task {task} or pick one of "
+            f"{', '.join(fitting)}"
+        )
+    return TrainConfig(
+        task=task, model=dict(preset.model), task_settings=dict(preset.task_settings), **preset.run
+    )
+
+
+def default_preset(task: str | None) -> str:
+    """The preset a task starts from when --preset is not given."""
+    return get_task(task or TrainConfig.task).default_preset
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -231,11 +250,7 @@ def schedule_change(saved: TrainConfig, resumed: TrainConfig, step: int) -> str 
     before, after = saved.cosine_steps or saved.steps, resumed.cosine_steps or resumed.steps
     lr_before, lr_after = learning_rate(saved, step), learning_rate(resumed, step)
     if after != before:
-        keep = (
-            f"--cosine-steps {before}"
-            if saved.cosine_steps is None
-            else f"--cosine-steps {saved.cosine_steps}"
-        )
+        keep = f"--cosine-steps {before}"
         return (
             f"cosine schedule: its horizon moves from step {before} to {after}, so the learning rate at "
             f"step {step + 1} is {lr_after:.3g} instead of {lr_before:.3g} and decays to the floor at step "

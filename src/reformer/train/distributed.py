@@ -10,8 +10,7 @@ import torch
 import torch.distributed as torch_dist
 
 from ..devices import default_device
-from ..model import ReformerLM
-from .config import TrainingError
+from ..tasks import TrainingError
 
 
 @dataclass
@@ -94,7 +93,7 @@ class Mesh:
     sequence_group: object
 
 
-def check_replicas(model: ReformerLM, dist: Distributed) -> None:
+def check_replicas(model: torch.nn.Module, dist: Distributed) -> None:
     """Fail loudly if DDP replicas drifted apart: they must stay bit-identical."""
     import hashlib
 

@@ -1,5 +1,6 @@
-"""The training loop: AdamW on the schedule, gradient accumulation, AMP, DDP, held-out evaluation,
-checkpoints and stopping on signals."""
+"""The training loop: AdamW on the schedule, gradient accumulation, AMP, DDP and sequence parallelism
+around the task's objective, held-out evaluation, checkpoints and stopping on signals. Everything that
+differs between tasks is a method of the run's :class:`~reformer.tasks.Task`."""
 
 from __future__ import annotations
 
@@ -16,20 +17,21 @@ from typing import Any
 
 import torch
 
-from ..data import IGNORE_INDEX, load_corpus
 from ..files import atomic_write_text
-from ..model import ReformerLM
-from ..models.seq2seq import ReformerEncoderDecoder
 from ..parallel import SequenceParallelLM
-from .batches import Batches
+from ..tasks import Batch, Task
 from .checkpoints import checkpoint_dirs, load_checkpoint, restore_rng, rng_states, save_checkpoint
-from .config import SEQ2SEQ_TASKS, TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
-from .distributed import Distributed, check_replicas
-from .encoder_tasks import TaskObjective, build_model
-from .evaluation import evaluate_batches
+from .config import (
+    TRAIN_CONFIG_FILE,
+    TrainConfig,
+    TrainingError,
+    learning_rate,
+    read_train_config,
+    schedule_change,
+)
+from .distributed import Distributed, Mesh, check_replicas
 from .loggers import RunLog
 from .metrics import MetricsLog, postfix, progress_bar
-from .seq2seq import Seq2SeqBatches, TeacherForced, evaluate_seq2seq
 
 
 class StopRequest:
@@ -56,32 +58,32 @@ class StopRequest:
 
 
 def accumulate_gradients(
-    net: torch.nn.Module,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    objective: torch.nn.Module,
+    micro_batches: list[Batch],
+    counts: list[int],
     dist: Distributed,
     autocast: contextlib.AbstractContextManager,
     sequence_parallel: int = 1,
 ) -> float:
-    """Backward passes over this process's ``micro_batches`` (``(inputs, targets)`` pairs ``(micro,
-    length)``) whose summed gradient is that of the step's whole batch, over all processes: the mean
-    cross-entropy over every target token of the step. Returns that loss (the same on every process).
+    """Backward passes over this process's ``micro_batches`` whose summed gradient is that of the step's
+    whole batch, over all processes: the mean loss over every counted target of the step (``counts``:
+    each micro-batch's, :meth:`~reformer.tasks.Task.target_count`). Returns that loss (the same on
+    every process).
 
-    Each micro-batch's mean is weighted by its share of the step's target tokens (``IGNORE_INDEX`` ones
-    do not count), so micro-batches and processes that ignore different numbers of tokens still add up
+    ``objective(*batch)`` is a micro-batch's mean loss; it is weighted by the micro-batch's share of the
+    step's targets, so micro-batches and processes that count different numbers of targets still add up
     to the full batch; DDP averages gradients over the data-parallel replicas, hence the factor
     ``replicas``. With ``sequence_parallel`` P the P ranks of a sequence group share their micro-batches
     (each sums its tokens' share of the gradient; the caller sums those over the group).
     """
     replicas = dist.world_size // sequence_parallel
-    counts = [int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches]
     step_count = max(dist.all_reduce([float(sum(counts))])[0] / sequence_parallel, 1.0)
     total = 0.0
-    for i, ((inputs, targets), count) in enumerate(zip(micro_batches, counts, strict=True)):
-        inputs, targets = inputs.to(dist.device), targets.to(dist.device)
+    for i, (batch, count) in enumerate(zip(micro_batches, counts, strict=True)):
+        batch = tuple(t.to(dist.device) for t in batch)
         sync = i == len(micro_batches) - 1 or replicas == 1
-        with contextlib.nullcontext() if sync else net.no_sync(), autocast:
-            # Through forward() (not model.loss), so that DDP's hooks see the step.
-            loss = net(inputs, targets=targets) * (count * replicas / step_count)
+        with contextlib.nullcontext() if sync else objective.no_sync(), autocast:
+            loss = objective(*batch) * (count * replicas / step_count)
         loss.backward()
         total += float(loss.detach()) / replicas
     return dist.all_reduce([total])[0] / sequence_parallel
@@ -133,83 +135,28 @@ def _train(
     cfg: TrainConfig, run: Path, resume: bool, dist: Distributed, sequence_parallel: int
 ) -> TrainResult:
     cfg.validate()
-    mesh = dist.mesh(sequence_parallel)
-    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * mesh.replicas)
-    if micro == 0 or rest:
-        raise TrainingError(
-            f"--batch-size {cfg.batch_size} must be a multiple of --grad-accum {cfg.grad_accum} x "
-            f"{mesh.replicas} data-parallel replica(s)"
-        )
-    existing = checkpoint_dirs(run)
-    if resume and not existing:
-        raise TrainingError(f"--resume: {run} holds no checkpoint to resume from; start without --resume")
-    if not resume and (existing or (run / TRAIN_CONFIG_FILE).exists()):
-        raise TrainingError(
-            f"{run} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-
-    torch.manual_seed(cfg.seed)
-    corpus = load_corpus(cfg.data) if cfg.task == "lm" else None
-    seq2seq = cfg.task in SEQ2SEQ_TASKS
-    if seq2seq and sequence_parallel > 1:
+    task = cfg.make_task()
+    if sequence_parallel > 1 and not task.sequence_parallel:
         raise TrainingError(f"--task {cfg.task} does not support --sequence-parallel; use data parallelism")
-    if seq2seq:
-        batches = Seq2SeqBatches(cfg)
-        model = ReformerEncoderDecoder(cfg.model_config()).to(dist.device)
-    else:
-        batches = Batches(cfg, corpus)  # before the model: an encoder task may set cfg.labels / cfg.model
-        model = (ReformerLM(cfg.model_config()) if batches.encoder is None else build_model(cfg)).to(
-            dist.device
-        )
-    encoder_data = getattr(batches, "encoder", None)
-    # The fused kernel: one pass per parameter instead of several elementwise ops (on CPU with 2 threads,
-    # 0.5 against 4.5 ms a step for the tiny preset). A resumed checkpoint keeps the variant it was saved
-    # with (the setting is part of the optimiser's state).
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-        fused=dist.device.type in ("cpu", "cuda"),
-    )  # fmt: skip
+    mesh = dist.mesh(sequence_parallel)
+    micro = micro_batch_size(cfg, mesh)
+    existing = check_run_folder(run, resume)
+    torch.manual_seed(cfg.seed)
+    task.prepare()  # before the model: a task may record settings (its classes, a pretrained model's)
+    model = task.build_model().to(dist.device)
+    optimizer = adamw(cfg, model, dist.device)
+    sampler = torch.Generator().manual_seed(cfg.seed)  # the training batches' generator
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0}
     if resume:
         state, rng = load_checkpoint(existing[-1], model, optimizer, dist.device)
-        restore_rng(rng, batches)
-        if seq2seq:
-            batches.restore(state)
-        if dist.is_main:
-            MetricsLog(run, cfg.task, enabled=True).truncate_after(state["step"])
-            print(f"resumed {run} at step {state['step']} from {existing[-1]}", file=sys.stderr)
-    elif dist.is_main:
-        atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
-    if dist.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        source = corpus.describe() if corpus else f"copy task, length {cfg.seq_len}"
-        source = batches.describe() if seq2seq else source
-        source = encoder_data.describe() if encoder_data is not None else source
-        layers = f"{model.config.encoder.n_layers} + {model.config.decoder.n_layers}" if seq2seq else None
-        print(
-            f"data: {source}\nmodel: {n_params:,} parameters, {layers or model.config.n_layers} layers",
-            file=sys.stderr,
-        )
-
-    net = evaluated = TeacherForced(model, centre=cfg.curriculum_start is not None) if seq2seq else model
-    if encoder_data is not None:
-        if sequence_parallel > 1:
-            raise TrainingError(f"--sequence-parallel is for language models, not --task {cfg.task}")
-        net = TaskObjective(model)
-    if sequence_parallel > 1:
-        net = evaluated = SequenceParallelLM(model, mesh.sequence_group)
-    if mesh.replicas > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net,
-            device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-            process_group=mesh.data_group,
-        )
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
-    autocast = (
-        torch.autocast(dist.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    )
-    held_out = batches.held_out()
-    logger = RunLog(MetricsLog(run, cfg.task, enabled=dist.is_main), cfg.log, state["step"])
+        restore_rng(rng, sampler)
+        task.restore(state)
+    announce(cfg, task, model, run, existing[-1] if resume else None, state["step"], dist)
+    net = SequenceParallelLM(model, mesh.sequence_group) if sequence_parallel > 1 else model
+    objective = data_parallel(task.objective(net), dist, mesh)
+    autocast = autocast_for(cfg, dist.device)
+    held_out = task.held_out()
+    logger = RunLog(MetricsLog(run, task.loss_in_bits, enabled=dist.is_main), cfg.log, state["step"])
     checkpoint, last_eval = (existing[-1] if resume else None), {}
     tokens_per_step = cfg.batch_size * cfg.seq_len
     started, step_start = time.monotonic(), state["step"]
@@ -221,7 +168,7 @@ def _train(
             state["world_size"] = dist.world_size
             state["sequence_parallel"] = sequence_parallel
             checkpoint = save_checkpoint(
-                run, state, model, optimizer, rng_states(batches), cfg.keep_checkpoints
+                run, state, model, optimizer, rng_states(sampler), cfg.keep_checkpoints
             )
         dist.barrier()
         return checkpoint
@@ -234,27 +181,23 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [
-                batches.next(micro * mesh.replicas, mesh.replica, mesh.replicas)
+                slice_batch(task.batch(micro * mesh.replicas, sampler), mesh.replica, mesh.replicas)
                 for _ in range(cfg.grad_accum)
             ]
-            total = accumulate_gradients(net, micro_batches, dist, autocast, sequence_parallel)
+            counts = [task.target_count(batch) for batch in micro_batches]
+            total = accumulate_gradients(objective, micro_batches, counts, dist, autocast, sequence_parallel)
             if sequence_parallel > 1:
-                evaluated.sum_gradients()
-            if not math.isfinite(total):
-                where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
-                raise TrainingError(
-                    f"loss became {total} at step {step + 1} (lr {lr:.3g}); stopped without saving{where}. "
-                    "Lower --lr, raise --warmup or set --clip, then --resume"
-                )
+                net.sum_gradients()
+            check_finite(total, step, lr, checkpoint)
             if cfg.clip is not None:
                 clip_gradients(model, cfg.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
-            if seq2seq and batches.after_step(total) and dist.is_main:
-                print(f"curriculum: length {batches.length} from step {step + 1}", file=sys.stderr)
-            if seq2seq and cfg.curriculum_start is not None:
-                state.update(batches.curriculum_state())
+            message = task.after_step(total, step)
+            if message and dist.is_main:
+                print(message, file=sys.stderr)
+            state.update(task.state())
             state["tokens_seen"] += tokens_per_step
             elapsed = time.monotonic() - started
             tokens_per_s = (step - step_start) * tokens_per_step / max(elapsed, 1e-9)
@@ -263,12 +206,11 @@ def _train(
                     {"step": step, "split": "train", "loss": total, "lr": lr, "tokens_per_s": tokens_per_s}
                 )
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                evaluate = evaluate_seq2seq if seq2seq else evaluate_batches
-                last_eval = evaluate(evaluated, held_out, cfg.task, dist.device)
+                last_eval = task.evaluate(net, held_out, dist.device)
                 logger.log({"step": step, "split": "eval", **last_eval})
                 logger.plot()
             bar.update(1)
-            bar.set_postfix(postfix(cfg.task, total, last_eval, tokens_per_s), refresh=False)
+            bar.set_postfix(postfix(total, last_eval, tokens_per_s, task.loss_in_bits), refresh=False)
             out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
             stop_now = dist.all_reduce([float(stop.signal is not None), float(out_of_time)], op="max")
             if step % cfg.save_every == 0 or step == cfg.steps or any(stop_now):
@@ -289,3 +231,92 @@ def _train(
     # to abort with "terminate called without an active exception" (about 1 run in 6).
     dist.barrier()
     return TrainResult(state["step"], checkpoint, stop.signal, last_eval)
+
+
+def adamw(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fused kernel: one pass per parameter instead of several elementwise ops (on CPU
+    with 2 threads, 0.5 against 4.5 ms a step for the tiny preset). A resumed checkpoint keeps the
+    variant it was saved with (the setting is part of the optimiser's state)."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )  # fmt: skip
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast with ``--precision bf16``, or ``auto`` on a GPU; else nothing."""
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def check_finite(loss: float, step: int, lr: float, checkpoint: Path | None) -> None:
+    """Stop before the optimiser step of a NaN or infinite loss, naming the last good checkpoint."""
+    if not math.isfinite(loss):
+        where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+        raise TrainingError(
+            f"loss became {loss} at step {step + 1} (lr {lr:.3g}); stopped without saving{where}. "
+            "Lower --lr, raise --warmup or set --clip, then --resume"
+        )
+
+
+def micro_batch_size(cfg: TrainConfig, mesh: Mesh) -> int:
+    """Sequences per micro-batch of one data-parallel replica."""
+    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * mesh.replicas)
+    if micro == 0 or rest:
+        raise TrainingError(
+            f"--batch-size {cfg.batch_size} must be a multiple of --grad-accum {cfg.grad_accum} x "
+            f"{mesh.replicas} data-parallel replica(s)"
+        )
+    return micro
+
+
+def check_run_folder(run: Path, resume: bool) -> list[Path]:
+    """The run's checkpoints; a resumed run needs one, a new run an empty folder."""
+    existing = checkpoint_dirs(run)
+    if resume and not existing:
+        raise TrainingError(f"--resume: {run} holds no checkpoint to resume from; start without --resume")
+    if not resume and (existing or (run / TRAIN_CONFIG_FILE).exists()):
+        raise TrainingError(
+            f"{run} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    return existing
+
+
+def announce(
+    cfg: TrainConfig, task: Task, model: torch.nn.Module, run: Path, resumed: Path | None, step: int,
+    dist: Distributed,
+) -> None:  # fmt: skip
+    """On the main process: drop the metrics a resumed run logged after its checkpoint and say what the
+    resume does to a cosine schedule, write ``train_config.json`` (the run's settings now: a resumed
+    run's new ``steps`` ...), and print the data and the model."""
+    if not dist.is_main:
+        return
+    if resumed is not None:
+        MetricsLog(run, task.loss_in_bits, enabled=True).truncate_after(step)
+        print(f"resumed {run} at step {step} from {resumed}", file=sys.stderr)
+        try:
+            note = schedule_change(read_train_config(run), cfg, step)
+        except (ValueError, FileNotFoundError):  # no readable settings saved: nothing to compare with
+            note = None
+        if note:
+            print(note, file=sys.stderr)
+    atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    print(f"data: {task.describe()}\nmodel: {task.describe_model(model)}", file=sys.stderr)
+
+
+def data_parallel(objective: torch.nn.Module, dist: Distributed, mesh: Mesh) -> torch.nn.Module:
+    """``objective`` under DDP over the data-parallel replicas (itself with one replica)."""
+    if mesh.replicas == 1:
+        return objective
+    return torch.nn.parallel.DistributedDataParallel(
+        objective,
+        device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+        process_group=mesh.data_group,
+    )
+
+
+def slice_batch(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Replica ``rank``'s share of a global batch (every process draws the same global batch, so the
+    data a run sees does not depend on the process count)."""
+    share = len(batch[0]) // world_size
+    return tuple(t[rank * share : (rank + 1) * share] for t in batch)

@@ -16,9 +16,11 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 
-def postfix(task: str, loss: float, last_eval: dict, tokens_per_s: float) -> dict[str, str]:
+def postfix(loss: float, last_eval: dict, tokens_per_s: float, bits: bool = False) -> dict[str, str]:
+    """The progress bar's figures: the training loss (and in bits per byte with ``bits``), the last
+    held-out metrics, tokens per second."""
     post = {"loss": f"{loss:.3f}"}
-    if task == "lm":
+    if bits:
         post["bpb"] = f"{loss / math.log(2):.3f}"
     for key in ("bits_per_byte", "accuracy"):
         if key in last_eval:
@@ -37,13 +39,14 @@ def progress_bar(cfg: TrainConfig, initial: int, enabled: bool):
 
 
 class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl`` and draws ``loss.png`` from them."""
+    """Appends JSON lines to ``metrics.jsonl`` and draws ``loss.png`` from them (``bits``: the losses in
+    bits per byte)."""
 
-    def __init__(self, run: Path, task: str, enabled: bool) -> None:
-        self.path, self.plot_path, self.task, self.enabled = (
+    def __init__(self, run: Path, bits: bool, enabled: bool) -> None:
+        self.path, self.plot_path, self.bits, self.enabled = (
             run / METRICS_FILE,
             run / PLOT_FILE,
-            task,
+            bits,
             enabled,
         )
 
@@ -64,7 +67,7 @@ class MetricsLog:
     def plot(self) -> None:
         if not self.enabled or not self.path.is_file():
             return
-        plot_metrics(self.path, self.plot_path, self.task)
+        plot_metrics(self.path, self.plot_path, self.bits)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -75,22 +78,22 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_metrics(metrics: Path, out: Path, task: str) -> None:
-    """Loss curves (train and held-out; bits per byte for language models) into a PNG, atomically."""
+def plot_metrics(metrics: Path, out: Path, bits: bool = False) -> None:
+    """Loss curves (train and held-out; in bits per byte with ``bits``) into a PNG, atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics)
-    scale = 1 / math.log(2) if task == "lm" else 1.0
+    scale = 1 / math.log(2) if bits else 1.0
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, style in (("train", "-"), ("eval", "o-")):
         points = [(r["step"], r["loss"] * scale) for r in records if r.get("split") == split]
         if points:
             ax.plot(*zip(*points, strict=True), style, label=split, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte" if task == "lm" else "loss (nats)")
+    ax.set_ylabel("bits per byte" if bits else "loss (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
