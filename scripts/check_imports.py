@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("reformer.attention",),
     ("reformer.hashing",),
     ("reformer.data",),
-    ("reformer.config", "reformer.files"),
+    ("reformer.config", "reformer.files", "reformer.devices"),
 ]
 
 

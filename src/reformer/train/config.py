@@ -53,8 +53,7 @@ class TrainConfig:
     )
     cosine_steps: int | None = setting(
         None,
-        "horizon of the cosine schedule; unset, it follows --steps, also when --resume changes --steps "
-        "(a resumed run may set it)",
+        "horizon of the cosine schedule; unset, it follows --steps, a resumed run's new --steps too",
         unset="--steps",
     )
     min_lr_ratio: float = 0.1

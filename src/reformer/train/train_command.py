@@ -54,7 +54,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="settings to start from, in train_config.json's layout (any part of it; a saved run's file "
         "repeats the run); flags override them",
     )  # fmt: skip
-    p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
+    p.add_argument(
+        "--out", default=None,
+        help="run folder (default: runs/<preset> with --preset, else runs/<task> with --task, else "
+        "runs/tiny)",
+    )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
     )
