@@ -214,6 +214,26 @@ MUTATIONS = [
         "a stop sequence matches when any of its ids matches",
     ),
     Mutation(
+        "resume-config-not-rewritten", "train/loop.py",
+        "    atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + \"\\n\")\n",
+        "    if resumed is None:\n"
+        "        atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + \"\\n\")\n",
+        "a resumed run's train_config.json keeps the old --steps",
+        ("tests/test_train.py::test_resuming_a_cosine_run_with_more_steps_stretches_its_horizon_and_says_so",),
+    ),
+    Mutation(
+        "cosine-horizon-floor", "train/config.py",
+        "horizon = cfg.cosine_steps or cfg.steps", "horizon = cfg.cosine_steps or cfg.steps // 2",
+        "the cosine schedule without --cosine-steps reaches its floor half-way through the run",
+        ("tests/test_train.py::test_rsqrt_schedule_warms_up_and_does_not_depend_on_steps",),
+    ),
+    Mutation(
+        "logger-not-fed", "train/loggers.py",
+        "            logger.log(dict(record))\n", "            pass\n",
+        "loggers registered with register_logger never receive the metrics lines",
+        ("tests/test_loggers.py::test_a_registered_logger_gets_every_metrics_line_and_is_closed",),
+    ),
+    Mutation(
         "micro-batch-weights", "train/loop.py",
         "loss = objective(*batch) * (count * replicas / step_count)",
         "loss = objective(*batch) * (replicas / len(micro_batches))",
