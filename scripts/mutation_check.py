@@ -271,6 +271,57 @@ MUTATIONS = [
         "plain learned positions keep the preset's length when --seq-len changes",
         ("tests/test_tasks.py::test_flags_over_a_preset_follow_the_rules_of_the_model_settings",),
     ),
+    Mutation(
+        "rotary-pair-sign", "attention/rotary.py",
+        "second * cos + first * sin", "second * cos - first * sin",
+        "rotary positions: the second feature of a pair turns the wrong way (no longer a rotation)",
+        ("tests/test_rotary.py",),
+    ),
+    Mutation(
+        "rotary-angles-float32", "attention/rotary.py",
+        "positions.to(torch.float64)[..., None] * inv_freq", "(positions.float()[..., None] * inv_freq.float())",
+        "rotary angles formed in float32: positions near 2**20 lose their angle",
+        ("tests/test_rotary.py",),
+    ),
+    Mutation(
+        "token-shift-next", "embeddings.py",
+        "previous = torch.cat([before[..., half:], x[:, :-1, half:]], dim=1)",
+        "previous = torch.cat([x[:, 1:, half:], before[..., half:]], dim=1)",
+        "token shift takes the next token's features (a causal leak)",
+        ("tests/test_token_shift.py",),
+    ),
+    Mutation(
+        "decode-last-id-stale", "generation/decoding.py",
+        "cache.last_ids = next_ids", "cache.last_ids = cache.last_ids",
+        "cached decoding shifts in the prompt's last token at every step, not the newest",
+        ("tests/test_token_shift.py",),
+    ),
+    Mutation(
+        "sparse-loss-rows", "models/base.py",
+        "hidden, targets = hidden[counted][None], targets[counted][None]",
+        "hidden, targets = hidden[counted][None], targets[counted].roll(1)[None]",
+        "the loss over a few scored rows pairs each row with another row's target",
+        ("tests/test_retrieval_tasks.py", "tests/test_model.py"),
+    ),
+    Mutation(
+        "passkey-depth", "tasks/passkey.py",
+        "cut = int(round(depth * n_fill))", "cut = int(round(0.5 * n_fill))",
+        "the needle always sits in the middle of the haystack, whatever depth was asked",
+        ("tests/test_long_context_data.py",),
+    ),
+    Mutation(
+        "ablation-lsh-kept", "tasks/context_probe.py",
+        "lambda _m, _in, out: torch.zeros_like(out)", "lambda _m, _in, out: out",
+        "the LSH-zeroed ablation leaves the LSH layers working",
+        ("tests/test_long_context_data.py",),
+    ),
+    Mutation(
+        "ablation-window-shifted", "tasks/context_probe.py",
+        "return inputs[:, -window:], targets[:, -window:]",
+        "return inputs[:, -window - 1 : -1], targets[:, -window:]",
+        "the last-window ablation pairs the kept inputs with targets one position off",
+        ("tests/test_long_context_data.py",),
+    ),
 ]  # fmt: skip
 
 

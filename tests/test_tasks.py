@@ -201,7 +201,7 @@ def test_an_unknown_task_is_named_with_the_known_ones(tmp_path):
 
 def test_another_tasks_flag_names_the_tasks_that_take_it(tmp_path):
     code, _, err = _run(["train", "--task", "lm", "--min-len", "5", "--out", str(tmp_path / "r")])
-    assert code == 2 and "--min-len is for --task listops, not --task lm" in err
+    assert code == 2 and "--min-len is for --task listops / passkey / recall, not --task lm" in err
     code, _, err = _run(["train", "--cross-attention", "lsh", "--out", str(tmp_path / "r")])
     assert code == 2 and "--cross-attention is for --task reverse / sort / pairs, not --task lm" in err
     code, _, err = _run(["train", "--task", "copy", "--data", "x.txt", "--out", str(tmp_path / "r")])
