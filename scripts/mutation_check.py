@@ -279,7 +279,8 @@ MUTATIONS = [
     ),
     Mutation(
         "rotary-angles-float32", "attention/rotary.py",
-        "positions.to(torch.float64)[..., None] * inv_freq", "(positions.float()[..., None] * inv_freq.float())",
+        "positions.to(torch.float64)[..., None] * inv_freq",
+        "(positions.float()[..., None] * inv_freq.float())",
         "rotary angles formed in float32: positions near 2**20 lose their angle",
         ("tests/test_rotary.py",),
     ),

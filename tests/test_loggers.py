@@ -30,8 +30,8 @@ def corpus(tmp_path):
 
 def _config(corpus, **changes) -> TrainConfig:
     settings = dict(
-        model=dict(SMALL_MODEL), data=[corpus], seq_len=64, batch_size=4, steps=6, lr=3e-3, warmup=2,
-        eval_every=3, save_every=3, eval_batches=2, progress=False, log_every=1,
+        model=dict(SMALL_MODEL), task_settings=dict(data=[corpus]), seq_len=64, batch_size=4, steps=6,
+        lr=3e-3, warmup=2, eval_every=3, save_every=3, eval_batches=2, progress=False, log_every=1,
     )  # fmt: skip
     settings.update(changes)
     return TrainConfig(**settings)

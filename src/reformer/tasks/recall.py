@@ -88,7 +88,8 @@ def query_gaps(targets: torch.Tensor, n_pairs: int) -> torch.Tensor:
 # fmt: off
 PRESETS = {
     "recall": Preset(
-        "recall", "multi-query associative recall: a 4-layer local/LSH model with token shift trained on 64-4K tokens",
+        "recall",
+        "multi-query associative recall: a 4-layer local/LSH model with token shift trained on 64-4K tokens",
         tasks=("recall",),
         model=dict(d_model=128, n_heads=4, n_layers=4, d_ff=256, attn_layers=("local", "lsh", "local", "lsh"),
                    bucket_size=64, n_hashes=4, lsh_key_rule="chunks", local_chunk_size=16,
