@@ -200,7 +200,12 @@ def attention_ours(spec: Spec) -> Case:
     from reformer import LSHSelfAttention
 
     layer = LSHSelfAttention(
-        d_model=D_MODEL, n_heads=N_HEADS, bucket_size=BUCKET, n_hashes=ATTN_HASHES, causal=True
+        d_model=D_MODEL,
+        n_heads=N_HEADS,
+        bucket_size=BUCKET,
+        n_hashes=ATTN_HASHES,
+        causal=True,
+        key_rule="chunks",  # HF's rule and its automatic bucket count, as the peers run
     )
     return _attention_case(layer, spec.length)
 

@@ -3,8 +3,8 @@
 The model is the benchmark protocol's (DESIGN.md): byte-level LM, 6 reversible LSH layers, d_model 256,
 d_ff 1024, 4 heads, bucket 64, 2 hashes, batch 1. Modes:
 
-* ``train``: ``model.loss(ids, ids)`` and its backward in train mode. The reversible stack is one eager
-  region for torch.compile; inside it every layer's attention runs compiled code.
+* ``train``: ``model.loss(ids, ids.roll(-1, 1))`` and its backward in train mode. The reversible stack is
+  one eager region for torch.compile; inside it every layer's attention runs compiled code.
 * ``infer``: the eval forward under ``torch.no_grad()``, ``fullgraph=True``.
 * ``eval-grad``: the eval-mode loss and its backward, ``fullgraph=True`` (one graph, no break).
 * ``layer``: one causal LSH attention layer with its projections (d_model 256, 4 heads of 64, bucket 64,
@@ -64,7 +64,7 @@ def lm_step(model, ids):
     def step(fn):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same fresh rotations for eager and compiled
-        loss = fn(ids, targets=ids)
+        loss = fn(ids, targets=ids.roll(-1, 1))
         loss.backward()
         return loss.detach(), [p.grad for p in model.parameters()]
 

@@ -142,6 +142,7 @@ def _attention_layer(impl: str, length: int) -> nn.Module:
         bucket_size=BUCKET,
         n_hashes=ATTN_HASHES,
         causal=True,
+        key_rule="chunks",  # HF's rule and its automatic bucket count, as the peers run
         backend=backend,
     )
 
@@ -316,6 +317,7 @@ def check_correctness(dev: torch.device, shrink: int = 1) -> dict[str, Any]:
         mask = torch.ones(batch, length, dtype=torch.bool, device=dev)
         mask[-1, length - n_pad :] = False
         kw["hash_seed"] = 1  # the same rotations for both paths' own hashing
+        kw.setdefault("key_rule", "chunks")  # the rule of the automatic bucket counts used here
         ref, idx = lsh_attention(qk, v, attention_mask=mask, backend="torch", return_sort_indices=True, **kw)
         out, own_idx = lsh_attention(
             qk, v, attention_mask=mask, backend="triton", return_sort_indices=True, **kw
@@ -352,7 +354,7 @@ def check_correctness(dev: torch.device, shrink: int = 1) -> dict[str, Any]:
         length = 16384 // shrink
         qk = torch.randn(1, N_HEADS, length, D_HEAD, device=dev, generator=gen).to(dtype).requires_grad_(True)
         v = torch.randn(1, N_HEADS, length, D_HEAD, device=dev, generator=gen).to(dtype).requires_grad_(True)
-        kw = dict(bucket_size=64, n_hashes=4, causal=True)
+        kw = dict(bucket_size=64, n_hashes=4, causal=True, key_rule="chunks")
         half, idx = lsh_attention(qk, v, backend="torch", return_sort_indices=True, **kw)
         fused = lsh_attention(qk, v, backend="triton", sort_indices=idx, **kw)
         q32, v32 = (t.detach().float().requires_grad_(True) for t in (qk, v))

@@ -140,7 +140,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
             times = []
             for _ in range(args.repeats + 1):
                 start = time.perf_counter()
-                model(ids, targets=ids).backward()
+                model(ids, labels=ids).loss.backward()
                 times.append(time.perf_counter() - start)
             step_s = sorted(times[1:])[len(times[1:]) // 2]
             results[f"{variant}-L{seq_len}"] = {"step_s": step_s, "tokens_per_s": seq_len / step_s}

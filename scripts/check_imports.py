@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("reformer.attention",),
     ("reformer.hashing",),
     ("reformer.data",),
-    ("reformer.config", "reformer.files", "reformer.vjp", "reformer.jsonl"),
+    ("reformer.config", "reformer.files", "reformer.vjp", "reformer.jsonl", "reformer.devices"),
 ]
 
 

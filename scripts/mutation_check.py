@@ -64,6 +64,8 @@ FAST_TESTS = [
     "tests/test_data_tokenizer.py",
     "tests/test_data_fasta.py",
     "tests/test_data_images.py",
+    "tests/test_labels.py",
+    "tests/test_generation_stopping.py",
 ]
 
 
@@ -345,6 +347,51 @@ MUTATIONS = [
         "return pixels.reshape(*pixels.shape[:-3], -1).long()",
         "return pixels.movedim(-1, -3).reshape(*pixels.shape[:-3], -1).long()",
         "sub-pixels in planar order (all R, then G, then B) instead of RGB per pixel",
+    ),
+    Mutation(
+        "labels-unshifted", "models/lm.py",
+        "targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)",
+        "targets = labels",
+        "labels= not shifted inside (position i scored against its own token)",
+    ),
+    Mutation(
+        "repetition-penalty-sign", "generation/sampling.py",
+        "torch.where(logits > 0, logits / penalty, logits * penalty)",
+        "torch.where(logits > 0, logits * penalty, logits / penalty)",
+        "repetition penalty raises the logits of repeated ids instead of lowering them",
+    ),
+    Mutation(
+        "eos-dropped", "generation/stopping.py",
+        "next_ids = torch.where(self.finished, torch.full_like(next_ids, self.pad), next_ids)",
+        "next_ids = torch.where(self.finished | torch.isin(next_ids, self.eos if self.eos is not None "
+        "else next_ids[:0]), torch.full_like(next_ids, self.pad), next_ids)",
+        "the end-of-sequence id itself replaced by the pad id",
+    ),
+    Mutation(
+        "stop-sequence-window", "generation/stopping.py",
+        "done |= (self.recent[:, -len(sequence) :] == sequence).all(1)",
+        "done |= (self.recent[:, -len(sequence) :] == sequence).any(1)",
+        "a stop sequence matches when any of its ids matches",
+    ),
+    Mutation(
+        "resume-config-not-rewritten", "train/loop.py",
+        "    atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + \"\\n\")\n",
+        "    if resumed is None:\n"
+        "        atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + \"\\n\")\n",
+        "a resumed run's train_config.json keeps the old --steps",
+        ("tests/test_train.py::test_resuming_a_cosine_run_with_more_steps_stretches_its_horizon_and_says_so",),
+    ),
+    Mutation(
+        "cosine-horizon-floor", "train/config.py",
+        "horizon = cfg.cosine_steps or cfg.steps", "horizon = cfg.cosine_steps or cfg.steps // 2",
+        "the cosine schedule without --cosine-steps reaches its floor half-way through the run",
+        ("tests/test_train.py::test_rsqrt_schedule_warms_up_and_does_not_depend_on_steps",),
+    ),
+    Mutation(
+        "logger-not-fed", "train/loggers.py",
+        "            logger.log(dict(record))\n", "            pass\n",
+        "loggers registered with register_logger never receive the metrics lines",
+        ("tests/test_loggers.py::test_a_registered_logger_gets_every_metrics_line_and_is_closed",),
     ),
     Mutation(
         "micro-batch-weights", "train/loop.py",

@@ -1,4 +1,5 @@
-"""A brute-force oracle for shared-QK LSH attention, written from /work/shared/REFERENCE.md.
+"""A brute-force oracle for shared-QK LSH attention, written from its definition (docs/architecture.md,
+"The math").
 
 It shares no code with ``src/reformer``: the hashing, the key normalisation, the sort, the chunking
 (with the cross-round wrap and the skip over all-padding chunks), the masks and the merge of the rounds

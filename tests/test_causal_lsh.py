@@ -219,7 +219,7 @@ def test_reversible_training_gradients_equal_plain_residuals():
     for reversible in (True, False):
         model = _causal_lm("own_bucket", 2, (2, 4), reversible=reversible).train()
         torch.manual_seed(1)
-        model(ids, targets=ids).backward()
+        model(ids, labels=ids).loss.backward()
         grads.append({k: p.grad for k, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][name], atol=1e-10, rtol=0, msg=name)
@@ -230,11 +230,20 @@ def test_settings_are_checked_and_round_trip(tmp_path):
         ReformerConfig(causal=False, lsh_key_rule="own_bucket")
     with pytest.raises(ValueError, match="unknown"):
         ReformerConfig(lsh_key_rule="bucket")
-    with pytest.raises(ValueError, match="fixed n_buckets"):
-        LSHSelfAttention(16, 2, causal=True, key_rule="own_bucket")
+    # One default with the config: causal layers are truly causal, their count fixed by max_seq_len.
+    layer = LSHSelfAttention(16, 2, causal=True, bucket_size=8, max_seq_len=1024)
+    assert (layer.key_rule, layer.n_buckets) == ("own_bucket", (16, 16))  # 256, factorised
+    assert LSHSelfAttention(16, 2, causal=False).key_rule == "chunks"
+    # The functional core has no max_seq_len: a causal call names its count or the trax/HF rule.
     qk, v, _ = _inputs(1, 1, 20, 4, seed=0)
-    with pytest.raises(ValueError, match="fixed n_buckets"):
-        lsh_attention(qk, v, bucket_size=4, causal=True, key_rule="own_bucket")
+    for key_rule in ("own_bucket", None):
+        with pytest.raises(ValueError, match="fixed n_buckets.*key_rule='chunks'"):
+            lsh_attention(qk, v, bucket_size=4, causal=True, key_rule=key_rule)
+    assert lsh_attention(qk, v, bucket_size=4, causal=True, key_rule="chunks").shape == v.shape
+    assert torch.equal(
+        lsh_attention(qk, v, bucket_size=4, n_buckets=4, causal=True, hash_seed=1),
+        lsh_attention(qk, v, bucket_size=4, n_buckets=4, causal=True, hash_seed=1, key_rule="own_bucket"),
+    )
     cfg = ReformerConfig(lsh_key_rule="own_bucket", max_seq_len=1024, n_layers=2)
     cfg.to_json(tmp_path / "c.json")
     assert ReformerConfig.from_json(tmp_path / "c.json") == cfg

@@ -28,7 +28,7 @@ def _inputs():
 
 
 def _train_step(model, ids, mask):
-    loss = model(ids, attention_mask=mask, targets=ids)
+    loss = model(ids, attention_mask=mask, targets=ids.roll(-1, 1))
     loss.backward()
     return loss
 

@@ -57,7 +57,7 @@ def test_lsh_decode_steps_equal_lsh_attention_on_the_whole_sequence(n_hashes, n_
     qk, v = _rand(batch, heads, total, dim, seed=1), _rand(batch, heads, total, dim, seed=2)
     rotations = draw_rotations(heads, dim, n_hashes, n_buckets, seed=5)
     kwargs = dict(bucket_size=bs, n_hashes=n_hashes, n_buckets=n_buckets, causal=True, rotations=rotations)
-    kwargs.update(n_chunks_before=before, n_chunks_after=after)
+    kwargs.update(n_chunks_before=before, n_chunks_after=after, key_rule="chunks")
     lengths = torch.full((batch,), 3)
     cache = LSHCache.from_prefix(qk[:, :, :3], v[:, :, :3], lengths, rotations, n_buckets, bs, before, after)
     worst = 0.0
@@ -88,7 +88,7 @@ def test_lsh_decode_with_rows_of_different_lengths_and_a_grown_cache():
             n = int(lengths[row]) + 1
             want = lsh_attention(
                 qk[row : row + 1, :, :n], v[row : row + 1, :, :n], bucket_size=bs, n_hashes=2,
-                n_buckets=n_buckets, causal=True, rotations=rotations,
+                n_buckets=n_buckets, causal=True, key_rule="chunks", rotations=rotations,
             )  # fmt: skip
             assert (got[row] - want[0, :, -1:]).abs().max() < 1e-12
         lengths = lengths + 1

@@ -212,7 +212,7 @@ def test_float64_lsh_layer_outputs_and_gradients_equal_hf(
     ours = reformer.LSHSelfAttention(
         d_model=32, n_heads=2, d_head=16, bucket_size=8, n_hashes=num_hashes,
         n_buckets=tuple(num_buckets) if isinstance(num_buckets, list) else num_buckets, causal=causal,
-        hash_seed=11,
+        key_rule="chunks", hash_seed=11,
     ).double().train()  # fmt: skip
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -30,7 +30,8 @@ def test_core_equals_naive_dense_reference(causal, n_hashes, length, pad_from):
     if pad_from is not None:
         mask = torch.arange(length)[None, :] < torch.tensor(pad_from)[:, None]
     out, order = reformer.lsh_attention(
-        qk, v, bucket_size=bucket, n_hashes=n_hashes, n_buckets=4, causal=causal, attention_mask=mask,
+        qk, v, bucket_size=bucket, n_hashes=n_hashes, n_buckets=4, causal=causal, key_rule="chunks",
+        attention_mask=mask,
         hash_seed=3, return_sort_indices=True,
     )  # fmt: skip
     padded = order.shape[-1]
@@ -64,7 +65,9 @@ def test_one_chunk_is_exact_shared_qk_attention(causal):
     qk, v = _inputs(length=30)
     mask = torch.ones(2, 30, dtype=torch.bool)
     mask[1, 20:] = False
-    out = reformer.lsh_attention(qk, v, bucket_size=32, n_hashes=4, causal=causal, attention_mask=mask)
+    out = reformer.lsh_attention(
+        qk, v, bucket_size=32, n_hashes=4, causal=causal, key_rule="chunks", attention_mask=mask
+    )
     ref = exact_shared_qk_attention(qk, v, causal, mask)
     assert torch.allclose(out[0], ref[0], atol=1e-10)
     assert torch.allclose(out[1, :, :20], ref[1, :, :20], atol=1e-10)
@@ -74,13 +77,17 @@ def test_two_chunks_one_round_causal_covers_everything():
     """With one round and two chunks each looking one back (wrapping), every query sees every key
     once; with causal masking that is exact causal attention whatever the hash."""
     qk, v = _inputs(length=64)
-    out = reformer.lsh_attention(qk, v, bucket_size=32, n_hashes=1, n_buckets=2, causal=True, hash_seed=0)
+    out = reformer.lsh_attention(
+        qk, v, bucket_size=32, n_hashes=1, n_buckets=2, causal=True, key_rule="chunks", hash_seed=0
+    )
     assert torch.allclose(out, exact_shared_qk_attention(qk, v, causal=True), atol=1e-10)
 
 
 def test_first_token_attends_to_itself_only_when_nothing_else_is_allowed():
     qk, v = _inputs(length=40)
-    out = reformer.lsh_attention(qk, v, bucket_size=8, n_hashes=2, n_buckets=4, causal=True, hash_seed=0)
+    out = reformer.lsh_attention(
+        qk, v, bucket_size=8, n_hashes=2, n_buckets=4, causal=True, key_rule="chunks", hash_seed=0
+    )
     assert torch.allclose(out[:, :, 0], v[:, :, 0], atol=1e-10)
 
 
@@ -90,7 +97,8 @@ def test_gradcheck_float64(causal):
     mask = torch.ones(1, 21, dtype=torch.bool)
     mask[0, 17:] = False
     _, order = reformer.lsh_attention(
-        qk, v, bucket_size=4, n_hashes=2, n_buckets=4, causal=causal, attention_mask=mask, hash_seed=2,
+        qk, v, bucket_size=4, n_hashes=2, n_buckets=4, causal=causal, key_rule="chunks",
+        attention_mask=mask, hash_seed=2,
         return_sort_indices=True,
     )  # fmt: skip
     qk.requires_grad_(True)
@@ -98,7 +106,8 @@ def test_gradcheck_float64(causal):
 
     def fn(qk, v):
         return reformer.lsh_attention(
-            qk, v, bucket_size=4, n_hashes=2, causal=causal, attention_mask=mask, sort_indices=order,
+            qk, v, bucket_size=4, n_hashes=2, causal=causal, key_rule="chunks",
+            attention_mask=mask, sort_indices=order,
             dropout_p=0.2, dropout_seed=7,
         )  # fmt: skip
 
@@ -132,7 +141,7 @@ def test_local_attention_equals_dense_windowed_reference():
 def test_module_equals_functional_core_with_its_projections():
     torch.manual_seed(0)
     attn = reformer.LSHSelfAttention(
-        d_model=32, n_heads=4, bucket_size=8, n_hashes=2, n_buckets=4, causal=True
+        d_model=32, n_heads=4, bucket_size=8, n_hashes=2, n_buckets=4, causal=True, key_rule="chunks"
     )
     attn.eval()
     x = torch.randn(2, 37, 32)
@@ -152,7 +161,9 @@ def test_module_equals_functional_core_with_its_projections():
 
 def test_eval_is_deterministic_and_training_draws_fresh_rotations():
     torch.manual_seed(0)
-    attn = reformer.LSHSelfAttention(d_model=32, n_heads=2, bucket_size=8, n_hashes=1, causal=False)
+    attn = reformer.LSHSelfAttention(
+        d_model=32, n_heads=2, bucket_size=8, n_hashes=1, causal=False, key_rule="chunks"
+    )
     x = torch.randn(1, 64, 32)
     attn.eval()
     assert torch.equal(attn(x), attn(x))
@@ -193,6 +204,7 @@ def test_matches_hf_transformers_lsh_layer():
         n_hashes=3,
         n_buckets=(2, 4),
         causal=False,
+        key_rule="chunks",
         hash_seed=11,
     ).eval()
     ours.to_qk.weight.data.copy_(hf.query_key.weight.data)
@@ -223,7 +235,9 @@ def test_bad_inputs_are_named():
 
 def test_bfloat16_runs_close_to_float32():
     torch.manual_seed(0)
-    attn = reformer.LSHSelfAttention(d_model=64, n_heads=2, bucket_size=16, n_hashes=2, causal=True).eval()
+    attn = reformer.LSHSelfAttention(
+        d_model=64, n_heads=2, bucket_size=16, n_hashes=2, causal=True, key_rule="chunks"
+    ).eval()
     x = torch.randn(1, 100, 64)
     replay: dict = {}  # the same buckets: bf16 rounding may move a few tokens to other buckets
     ref = attn(x, replay=replay)

@@ -78,7 +78,7 @@ def test_lsh_attention_equals_brute_force_oracle_outputs_and_gradients(case):
     results = []
     for fn in (
         lambda a, b: reformer.lsh_attention(
-            a, b, n_hashes=n_hashes, n_buckets=n_buckets, rotations=rotations, **kwargs
+            a, b, n_hashes=n_hashes, n_buckets=n_buckets, rotations=rotations, key_rule="chunks", **kwargs
         ),
         lambda a, b: lsh_attention_oracle(a, b, rotations, n_buckets=n_buckets, **kwargs),
     ):

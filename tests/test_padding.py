@@ -84,7 +84,7 @@ def test_lsh_attention_rows_equal_rows_alone_with_default_buckets_and_fresh_rota
     g = torch.Generator().manual_seed(0)
     qk, v = (torch.randn(len(LENGTHS), 2, max(LENGTHS), 8, generator=g) for _ in range(2))
     mask = torch.arange(max(LENGTHS))[None] < torch.tensor(LENGTHS)[:, None]
-    kw = dict(bucket_size=8, n_hashes=2, causal=causal)
+    kw = dict(bucket_size=8, n_hashes=2, causal=causal, key_rule="chunks")  # the automatic count
     torch.manual_seed(3)
     out = lsh_attention(qk, v, attention_mask=mask, **kw)
     for i, n in enumerate(LENGTHS):

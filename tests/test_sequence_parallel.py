@@ -102,9 +102,9 @@ def _assert_same_gradients(single, parallel, what) -> None:
 
 
 def _sgd_step(net, model, ids) -> None:
-    """One plain SGD step on ``loss(ids, ids)``, so that saved weights are not the seed's."""
+    """One plain SGD step on ``loss(ids, ids.roll(-1, 1))``, so that saved weights are not the seed's."""
     model.zero_grad()
-    net.loss(ids, ids).backward()
+    net.loss(ids, ids.roll(-1, 1)).backward()
     if isinstance(net, SequenceParallelLM):
         net.sum_gradients()
     with torch.no_grad():

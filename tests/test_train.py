@@ -30,6 +30,7 @@ from reformer.train import (
     evaluate_run,
     learning_rate,
     preset_config,
+    read_metrics,
     train,
 )
 from tests.conftest import SMALL_FLAGS, SMALL_MODEL
@@ -130,8 +131,40 @@ def test_rsqrt_schedule_warms_up_and_does_not_depend_on_steps():
     cosine = TrainConfig(model={}, lr=1e-3, warmup=10, schedule="cosine", cosine_steps=110)
     assert learning_rate(cosine, 9) == pytest.approx(1e-3)
     assert learning_rate(cosine, 109) == pytest.approx(1e-4)
-    with pytest.raises(ValueError, match="cosine-steps"):
-        TrainConfig(model={}, schedule="cosine").validate()
+    # Without cosine_steps the horizon is the run's steps.
+    stretched = TrainConfig(model={}, lr=1e-3, warmup=10, schedule="cosine", steps=110)
+    assert [learning_rate(stretched, s) for s in (9, 50, 109)] == [
+        learning_rate(cosine, s) for s in (9, 50, 109)
+    ]
+    assert learning_rate(cosine, 500) == pytest.approx(1e-4)  # past the horizon: the floor
+    with pytest.raises(ValueError, match="cosine_steps=0"):
+        TrainConfig(model={}, schedule="cosine", cosine_steps=0).validate()
+
+
+def test_resuming_a_cosine_run_with_more_steps_stretches_its_horizon_and_says_so(
+    tmp_path, corpus_file, capsys
+):
+    run = tmp_path / "run"
+    first = ["train", "--data", str(corpus_file), "--out", str(run), "--schedule", "cosine", "--warmup", "1"]
+    first += ["--log-every", "1"]
+    assert main([*first, "--steps", "4", "--save-every", "4", *SMALL_FLAGS]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "8", "--no-sample", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "horizon moves from step 4 to 8" in err and "--cosine-steps 4 to keep the old curve" in err
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["cosine_steps"] is None and saved["steps"] == 8  # the run's settings now
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"}
+    cfg = TrainConfig(model={}, lr=saved["lr"], warmup=1, schedule="cosine", steps=8)
+    assert lrs[5] == pytest.approx(learning_rate(cfg, 4)) and lrs[5] > 2 * saved["lr"] * saved["min_lr_ratio"]
+    # A fixed horizon keeps the old curve: the extra steps train at the floor, and that is said too.
+    assert (
+        main(["train", "--out", str(run), "--resume", "--steps", "10", "--cosine-steps", "8", "--no-sample"])
+        == 0
+    )
+    assert "steps 9 to 10 train at the floor" in capsys.readouterr().err
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"}
+    assert lrs[10] == pytest.approx(saved["lr"] * saved["min_lr_ratio"])
 
 
 # ---- training --------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def _padding_mask(batch, length, n_pad, left=False):
 
 def _compare(qk, v, mask, **kw):
     """Run both paths on the same buckets; check outputs and gradients at real positions."""
+    kw.setdefault("key_rule", "chunks")
     ref, sort_indices = lsh_attention(
         qk, v, attention_mask=mask, backend="torch", return_sort_indices=True, **kw
     )
@@ -114,7 +115,7 @@ def test_window_wider_than_the_real_chunks_counts_repeated_chunks_like_the_torch
 
 def test_own_hashing_and_sort_indices_replay():
     qk, v = _inputs(1, 2, 44, 16, seed=6)
-    kw = dict(bucket_size=8, n_hashes=2, n_buckets=(2, 4), causal=True, hash_seed=11)
+    kw = dict(bucket_size=8, n_hashes=2, n_buckets=(2, 4), causal=True, key_rule="chunks", hash_seed=11)
     ref, idx_ref = lsh_attention(qk, v, backend="torch", return_sort_indices=True, **kw)
     out, idx = lsh_attention(qk, v, backend="triton", return_sort_indices=True, **kw)
     assert torch.equal(idx, idx_ref)
@@ -125,10 +126,12 @@ def test_own_hashing_and_sort_indices_replay():
 
 def test_short_sequences_and_dropout_take_the_torch_path():
     qk, v = _inputs(1, 2, 8, 16, seed=8)
-    short = lsh_attention(qk, v, bucket_size=8, causal=True, backend="triton")
-    torch.testing.assert_close(short, lsh_attention(qk, v, bucket_size=8, causal=True, backend="torch"))
+    kw = dict(bucket_size=8, causal=True, key_rule="chunks")
+    short = lsh_attention(qk, v, backend="triton", **kw)
+    torch.testing.assert_close(short, lsh_attention(qk, v, backend="torch", **kw))
     qk, v = _inputs(1, 2, 24, 16, seed=9)
-    kw = dict(bucket_size=8, n_hashes=2, causal=True, hash_seed=1, dropout_p=0.3, dropout_seed=4)
+    kw = dict(bucket_size=8, n_hashes=2, causal=True, key_rule="chunks", hash_seed=1, dropout_p=0.3)
+    kw["dropout_seed"] = 4
     dropped = lsh_attention(qk, v, backend="triton", **kw)
     torch.testing.assert_close(dropped, lsh_attention(qk, v, backend="torch", **kw), atol=0, rtol=0)
 
@@ -177,7 +180,7 @@ def test_larger_sweep(n_hashes, causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_as_accurate_as_the_torch_path(dtype):
     qk, v = _inputs(1, 2, 40, 16, seed=12, dtype=dtype)
-    kw = dict(bucket_size=8, n_hashes=3, n_buckets=4, causal=True)
+    kw = dict(bucket_size=8, n_hashes=3, n_buckets=4, causal=True, key_rule="chunks")
     half, idx = lsh_attention(qk, v, backend="torch", hash_seed=1, return_sort_indices=True, **kw)
     fused = lsh_attention(qk, v, backend="triton", sort_indices=idx, **kw)
     assert fused.dtype == dtype

@@ -252,8 +252,10 @@ def validate_key_rule(key_rule: str, causal: bool, n_buckets: Any = 0) -> None:
         raise ValueError("key_rule='own_bucket' is a causal rule; set causal=True or use key_rule='chunks'")
     if key_rule == "own_bucket" and n_buckets is None:
         raise ValueError(
-            "key_rule='own_bucket' needs a fixed n_buckets: the automatic count depends on the length, so "
-            "later tokens would change earlier outputs; pass e.g. auto_n_buckets(max_length, bucket_size)"
+            "key_rule='own_bucket' (the default when causal=True) needs a fixed n_buckets: the automatic "
+            "count depends on the length, so later tokens would change earlier outputs; pass e.g. "
+            "n_buckets=reformer.hashing.auto_n_buckets(max_length, bucket_size), or key_rule='chunks' for "
+            "trax/HF's rule"
         )
 
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch.autograd.function import once_differentiable
 
-# The trax/HF mask constant (REFERENCE.md step 7), in natural-log units of the scores.
+# The trax/HF mask constant (docs/architecture.md, "The math", step 7), in natural-log units of the scores.
 MASK_VALUE = -1e9
 LOG2E = 1.4426950408889634
 # The score a plan gives a hidden key, in the core's base-2 units.
@@ -83,7 +83,8 @@ def _scores(q, k, plan: BlockPlan, block, q_rows, k_rows):
 
 
 def merge_block(acc, run_max, run_sum, rows, out, lse, first: bool) -> None:
-    """Fold one block's attention into the running results (online log-sum-exp, REFERENCE.md step 9).
+    """Fold one block's attention into the running results (online log-sum-exp; docs/architecture.md,
+    "The math", step 9).
 
     ``out`` ``(n, dim)`` is the block's normalised output for the query ``rows`` ``(n,)`` (distinct) and
     ``lse`` ``(n,)`` its base-2 log-sum-exp. ``acc`` ``(rows, dim)``, ``run_max`` and ``run_sum``

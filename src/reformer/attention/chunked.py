@@ -16,8 +16,8 @@ import torch
 
 from .blocked import HIDDEN, LOG2E, blocked_attention, register_plan, take
 
-# A query's own key under the shared-QK rule (trax/HF, REFERENCE.md step 7): the low score -1e5, so it is
-# seen only when nothing else is.
+# A query's own key under the shared-QK rule (trax/HF; docs/architecture.md, "The math", step 7): the
+# low score -1e5, so it is seen only when nothing else is.
 SELF_MASK_VALUE = -1e5
 # Scores held at once: (chunks in a block) x chunk x keys. 2**20 float32 values is 4 MiB: smaller
 # blocks stay in cache (measured faster than 16 MiB) and keep the temporaries small.

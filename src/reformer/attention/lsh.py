@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..config import validate_key_rule, validate_n_buckets
+from ..config import default_key_rule, validate_key_rule, validate_n_buckets
 from ..hashing import (
     auto_bucket_factors,
     auto_hash_width,
@@ -107,7 +107,7 @@ def lsh_attention(
     n_hashes: int = 4,
     n_buckets: int | tuple[int, ...] | None = None,
     causal: bool = False,
-    key_rule: str = "chunks",
+    key_rule: str | None = None,
     attention_mask: torch.Tensor | None = None,
     n_chunks_before: int = 1,
     n_chunks_after: int = 0,
@@ -129,12 +129,15 @@ def lsh_attention(
     no query sees a later position. The rounds are combined with their log-sum-exp weights.
     Sequences up to ``bucket_size`` long get exact shared-QK attention (one chunk, no hashing).
 
-    ``key_rule`` says which keys a query sees in a round:
+    ``key_rule`` says which keys a query sees in a round; None (default) is ``"own_bucket"`` when
+    ``causal`` and ``"chunks"`` otherwise, as in :class:`~reformer.ReformerConfig`:
 
     * ``"chunks"`` (trax/HF): every key of its sorted chunk and the neighbour chunks. Causal or not, which
       keys those are depends on the buckets of later tokens: they sort in among earlier ones and shift
       every chunk boundary after them.
-    * ``"own_bucket"`` (truly causal; needs ``causal=True`` and a fixed ``n_buckets``): the last
+    * ``"own_bucket"`` (truly causal; needs ``causal=True`` and a fixed ``n_buckets``, e.g.
+      ``auto_n_buckets(max_length, bucket_size)``: so a causal call without ``n_buckets`` must choose
+      one or pass ``key_rule="chunks"``): the last
       ``W = n_chunks_before * bucket_size`` earlier keys of its own bucket (and its own key, under the
       self-mask rule), which lie in its chunk and the ``n_chunks_before`` before it. They depend only on
       positions up to the query's own, so outputs at positions < n do not change when tokens after n
@@ -174,6 +177,7 @@ def lsh_attention(
     if n_hashes < 1:
         raise ValueError(f"n_hashes={n_hashes} must be at least 1")
     validate_n_buckets(n_buckets)
+    key_rule = default_key_rule(causal) if key_rule is None else key_rule
     validate_key_rule(key_rule, causal, n_buckets)
     own_bucket = key_rule == "own_bucket"
     if backend == "triton":
@@ -317,9 +321,12 @@ class LSHSelfAttention(SelfAttentionBase):
     triton is installed, PyTorch elsewhere); see :func:`lsh_attention`. The default stays ``"torch"``
     until the fused kernels have been checked on a GPU (they are tested on CPU with Triton's interpreter).
 
-    ``key_rule``: ``"chunks"`` (trax/HF) or ``"own_bucket"`` (truly causal: a query sees the last
-    ``n_chunks_before * bucket_size`` earlier keys of its own bucket; needs ``causal`` and an explicit
-    ``n_buckets``); see :func:`lsh_attention`.
+    ``key_rule``: ``"own_bucket"`` (truly causal: a query sees the last ``n_chunks_before * bucket_size``
+    earlier keys of its own bucket; needs ``causal``) or ``"chunks"`` (trax/HF); None (default) picks
+    ``"own_bucket"`` when ``causal`` and ``"chunks"`` otherwise, as :class:`~reformer.ReformerConfig`
+    does. Under ``"own_bucket"`` the bucket count must not depend on the input's length, so
+    ``n_buckets=None`` means about two buckets per chunk of ``max_seq_len`` (the model's rule); see
+    :func:`lsh_attention`.
 
     Shapes: ``x`` ``(batch, length, d_model)`` -> ``(batch, length, d_model)``.
     """
@@ -334,7 +341,8 @@ class LSHSelfAttention(SelfAttentionBase):
         n_hashes: int = 4,
         n_buckets: int | tuple[int, ...] | None = None,
         causal: bool = False,
-        key_rule: str = "chunks",
+        key_rule: str | None = None,
+        max_seq_len: int = 65536,
         n_chunks_before: int = 1,
         n_chunks_after: int = 0,
         attn_dropout: float = 0.0,
@@ -345,6 +353,9 @@ class LSHSelfAttention(SelfAttentionBase):
     ) -> None:
         super().__init__(d_model, n_heads, d_head, dropout)
         validate_n_buckets(n_buckets)
+        key_rule = default_key_rule(causal) if key_rule is None else key_rule
+        if key_rule == "own_bucket" and n_buckets is None:  # fixed: a prefix must not change it
+            n_buckets = auto_n_buckets(max_seq_len, bucket_size)
         validate_key_rule(key_rule, causal, n_buckets)
         resolve_backend(backend, torch.device("cpu"))  # fail early on a bad name or a missing triton
         self.backend = backend

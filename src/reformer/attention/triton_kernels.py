@@ -208,7 +208,7 @@ if triton is not None:
                 out_ptr = Out + b * s_ob + h * s_oh + qpos[:, None] * s_ol + dv_offs[None, :]
                 out_ok = row_ok[:, None] & dv_ok[None, :]
                 lse_ptr = Lse + s.to(tl.int64) * length + qpos
-                if not FIRST:  # merge with the earlier rounds (REFERENCE.md step 9), in base 2
+                if not FIRST:  # merge with the earlier rounds (docs/architecture.md step 9), base 2
                     old_lse = tl.load(lse_ptr, mask=row_ok, other=0.0)
                     old_out = tl.load(out_ptr, mask=out_ok, other=0.0).to(tl.float32)
                     top = tl.maximum(old_lse, lse)

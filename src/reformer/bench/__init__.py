@@ -8,7 +8,7 @@ What is measured (``--what``):
   line per ``--hashes`` entry), ``local`` (``reformer.LocalSelfAttention``, chunk 128) and ``full``
   (``reformer.FullSelfAttention``: exact attention through SDPA).
 * ``model``: ``reformer.ReformerLM`` (vocab 256, d_model 256, 4 heads, d_ff 1024, bucket 64, 2 hashes),
-  ``model.loss(ids, ids)`` and its backward, reversible (``model-rev-N``) against ordinary residuals
+  ``model.loss`` and its backward, reversible (``model-rev-N``) against ordinary residuals
   (``model-plain-N``) at each depth ``N`` of ``--layers``.
 * ``--what model --sequence-parallel P``: the 6-layer reversible model at 65536 tokens (``--lengths``,
   ``--layers`` to change) in one process and split over ``P`` CPU processes (gloo): per-rank peak

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import default_device
 from .memory import mem_total_bytes
 from .report import plot, table, write_json
 from .sweep import environment, sweep
@@ -75,7 +76,9 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``reformer bench`` options."""
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    p.add_argument(
+        "--device", help="cpu or cuda / cuda:N (default: cuda when available; --sequence-parallel: cpu)"
+    )
     p.add_argument("--what", choices=("attention", "model"), default="attention", help="default: attention")
     p.add_argument(
         "--lengths",
@@ -137,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[BenchConfig]:
     """Check the options together and list the configurations (``parser.error`` on bad input)."""
-    device = args.device
+    device = args.device = args.device or str(default_device())
     if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
         parser.error(f"--device {device!r} is unknown; use cpu or cuda (cuda:N for one GPU)")
     if device.startswith("cuda"):
@@ -184,7 +187,7 @@ def _check_sequence_parallel(args: argparse.Namespace, parser: argparse.Argument
     size = args.sequence_parallel
     if args.what != "model":
         parser.error(f"--sequence-parallel {size} measures the model; add --what model")
-    if args.device != "cpu":
+    if args.device not in (None, "cpu"):
         parser.error(
             f"--sequence-parallel {size} runs CPU processes over gloo; drop --device {args.device} "
             "(on GPUs, time `torchrun ... -m reformer train --sequence-parallel P`, docs/distributed.md)"

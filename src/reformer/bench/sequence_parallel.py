@@ -3,7 +3,7 @@ against one process: per-rank peak memory, time per step and its communication s
 
 The model is ``--what model``'s (byte-level LM, reversible LSH layers, d_model 256, d_ff 1024, 4 heads,
 bucket 64, 2 hashes, batch 1, fp32). Each layout runs in fresh processes, one per rank with one torch
-thread each: ``warmup`` steps of ``loss(ids, ids)`` forward+backward at a short length (they page in the
+thread each: ``warmup`` steps of ``loss`` forward+backward at a short length (they page in the
 libraries' code without leaving a full-length heap behind), then ``steps`` measured ones at ``length``.
 Per rank: the peak resident set of the process during the measured steps (kernel ``VmHWM``, reset before
 them: the whole process, libraries, weights and gradients included), the resident set before them, the
@@ -84,7 +84,7 @@ def _rank_main(rank: int, size: int, port: int, settings: dict[str, int], result
 
         def step(batch: torch.Tensor) -> None:
             model.zero_grad(set_to_none=True)
-            net.loss(batch, batch).backward()
+            net.loss(batch, batch.roll(-1, 1)).backward()
             if size > 1:
                 net.sum_gradients()
 

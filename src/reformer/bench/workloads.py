@@ -113,12 +113,17 @@ def build_step(cfg: BenchConfig) -> Callable[[], None]:
         grads: list[torch.Tensor] = list(model.parameters())
 
         def loss() -> torch.Tensor:
-            return model.loss(ids, ids)
+            return model.loss(ids, ids.roll(-1, 1))
 
     else:
         if cfg.kind == "lsh":
             layer: torch.nn.Module = reformer.LSHSelfAttention(
-                d_model=D_MODEL, n_heads=N_HEADS, bucket_size=BUCKET, n_hashes=cfg.hashes, causal=True
+                d_model=D_MODEL,
+                n_heads=N_HEADS,
+                bucket_size=BUCKET,
+                n_hashes=cfg.hashes,
+                causal=True,
+                key_rule="chunks",  # the automatic bucket count of each length, as HF's layer
             )
         elif cfg.kind == "local":
             layer = reformer.LocalSelfAttention(D_MODEL, N_HEADS, chunk_size=LOCAL_CHUNK, causal=True)

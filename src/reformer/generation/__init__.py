@@ -21,18 +21,19 @@ over the prompt), and kept:
 * Local layers keep a ring of the last ``(n_chunks_before + 1) * chunk_size`` keys/values; full layers
   keep every key/value. Reversible layers need no stored activations: a decode step only runs forward.
 
-Caveat, by construction of causal LSH attention: which keys position ``i`` sees depends on where later
-tokens sort, so in full recomputation the states of earlier tokens change as the sequence grows. A
-cache that keeps them therefore equals full recomputation exactly only where no LSH layer feeds another
-layer with chunked (longer than one chunk) attention: local/full-only models, models whose only LSH
-layer is the last, and sequences within one LSH chunk. Elsewhere it is the approximation HF transformers'
-cache also makes (it keeps the prefix's per-layer inputs); docs/generation.md measures how often greedy
-tokens agree with recomputation.
+Caveat, by construction of trax's and HF's causal LSH rule (``lsh_key_rule="chunks"``): which keys
+position ``i`` sees depends on where later tokens sort, so in full recomputation the states of earlier
+tokens change as the sequence grows. A cache that keeps them therefore equals full recomputation exactly
+only where no LSH layer feeds another layer with chunked (longer than one chunk) attention: local/full-only
+models, models whose only LSH layer is the last, and sequences within one LSH chunk. Elsewhere it is the
+approximation HF transformers' cache also makes (it keeps the prefix's per-layer inputs);
+docs/generation.md measures how often greedy tokens agree with recomputation.
 
-Under ``lsh_key_rule="own_bucket"`` (truly causal LSH, docs/causal_lsh.md) LSH layers keep their keys and
-values by position and, per round and bucket, a ring of the last ``W = n_chunks_before * bucket_size``
-positions (``own_bucket_cache``); a step scores at most ``rounds * W`` keys. No state depends on later
-tokens under that rule, so cached decoding equals recomputation for every stack of layers.
+Under ``lsh_key_rule="own_bucket"`` (truly causal LSH, the default of causal models; docs/causal_lsh.md)
+LSH layers keep their keys and values by position and, per round and bucket, a ring of the last
+``W = n_chunks_before * bucket_size`` positions (``own_bucket_cache``); a step scores at most
+``rounds * W`` keys. No state depends on later tokens under that rule, so cached decoding equals
+recomputation for every stack of layers.
 
 HF's cached LSH step gathers other keys than the chunked computation once the sequence passes one chunk
 (it wraps within the round modulo the unpadded length, and its sort keys depend on its padding);

@@ -15,6 +15,7 @@ import torch
 
 from ..data import DATA_FORMAT_FILE, load_codec
 from ..data.images import centre_square, read_image, save_grid
+from ..devices import default_device
 from ..model import ReformerLM
 from .streaming import stream
 
@@ -44,6 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: probability mass kept")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0,
+        help="divide the positive logits of tokens already in the text by this (and multiply the "
+        "negative ones); 1.0 (default) is none, 1.1-1.3 discourages loops",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stop", action="append", metavar="TEXT",
+        help="stop once the output ends with TEXT (its UTF-8 bytes; kept in the output); repeatable. "
+        "A newline in bash: --stop $'\\n'",
+    )  # fmt: skip
+    parser.add_argument("--eos-id", type=int, help="stop after this token id (e.g. an end-of-text id)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     parser.add_argument("--n-hashes", type=int, default=None, help="LSH rounds (default: the config's)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
@@ -56,10 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="byte models: token id of byte b is b + offset (default: 2 for a 258-token vocabulary, HF's "
         "enwik8, else 0)",
     )  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    args.device = str(default_device(args.device))
     if args.source is not None or args.source_file is not None:
         from .seq2seq import run_source
 
@@ -96,7 +109,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         tokens = stream(
             model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, not args.no_cache,
             args.n_hashes, generator, hf_compatible=args.hf_compatible,
-            on_cache=lambda c: info.update(cache_bytes=c.nbytes()),
+            on_cache=lambda c: info.update(cache_bytes=c.nbytes()), eos_token_id=args.eos_id,
+            stop=[[b + offset for b in text.encode("utf-8")] for text in args.stop or []],
+            repetition_penalty=args.repetition_penalty,
         )  # fmt: skip
         for next_ids in tokens:
             count += 1

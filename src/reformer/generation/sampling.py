@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and nucleus sampling."""
+"""Choosing the next token from logits: greedy, temperature, top-k and nucleus sampling, and the
+repetition penalty."""
 
 from __future__ import annotations
 
@@ -34,7 +35,19 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p, n_hashes) -> None:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty of CTRL (Keskar et al. 2019) as HF's ``repetition_penalty``: for every id
+    already in the row (``seen`` ``(batch, vocab)`` bool), a positive logit is divided by ``penalty``
+    and a negative one multiplied by it; other ids keep theirs. ``penalty`` 1.0 changes nothing, above
+    1 discourages repeats. ``logits`` ``(batch, vocab)``; returns float32 logits of the same shape."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.float()
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p, n_hashes, repetition_penalty=1.0) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     if temperature < 0:
@@ -45,3 +58,5 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, n_hashes) -> None:
         raise ValueError(f"top_p={top_p!r} must lie in (0, 1] or be None")
     if n_hashes is not None and (not isinstance(n_hashes, int) or n_hashes < 1):
         raise ValueError(f"n_hashes={n_hashes!r} must be a positive integer or None")
+    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0 (1.0: no penalty)")

@@ -141,7 +141,7 @@ def generate(
     source_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int | None = None,
-    temperature: float = 0.0,
+    temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
@@ -150,7 +150,8 @@ def generate(
     source_offset: int = 0,
     target_offset: int = 0,
 ) -> torch.Tensor:
-    """Targets ``(batch, n)`` int64 decoded for ``source_ids`` ``(batch, L_enc)`` (greedy by default).
+    """Targets ``(batch, n)`` int64 decoded for ``source_ids`` ``(batch, L_enc)``: sampled at
+    ``temperature`` (default 1.0, as every generate path; 0 is greedy), cut by ``top_k`` / ``top_p``.
 
     ``max_new_tokens`` defaults to the decoder's ``max_seq_len``. With the config's ``eos_id`` set,
     decoding stops once every row has produced it (rows that finished early repeat ``eos_id``).

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .decoding import decode_step, prefill, run_settings
-from .sampling import check_sampling, sample_next
+from .sampling import apply_repetition_penalty, check_sampling, sample_next
+from .stopping import Stopping
 
 if TYPE_CHECKING:
     from ..model import ReformerLM
@@ -50,10 +51,25 @@ def stream(
     n_buckets: int | tuple[int, ...] | None = None,
     hf_compatible: bool = False,
     on_cache=None,
+    eos_token_id: int | list[int] | None = None,
+    stop: list[list[int]] | None = None,
+    pad_token_id: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> Iterator[torch.Tensor]:
     """Yield the next ids ``(batch,)`` one step at a time (see :func:`generate`); the model is in eval
-    mode while the iterator runs. ``on_cache(cache)`` is called once the prompt's cache exists."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p, n_hashes)
+    mode while the iterator runs. ``on_cache(cache)`` is called once the prompt's cache exists.
+
+    Stops after ``max_new_tokens`` ids, or earlier once every row has finished: a row finishes with an id
+    of ``eos_token_id`` or when its new ids end with one of ``stop`` (lists of ids); afterwards it yields
+    ``pad_token_id`` (default: the first ``eos_token_id``, else 0). ``repetition_penalty`` (HF's, 1.0 =
+    none) scales the logits of every id already in the row (prompt included) before sampling.
+
+    Example, printing bytes as they come::
+
+        for next_ids in stream(model, ids, 200, eos_token_id=10):   # stop after a newline
+            print(chr(int(next_ids[0])), end="", flush=True)
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p, n_hashes, repetition_penalty)
     if not model.config.causal:
         raise ValueError("generation needs a causal model (config.causal=True)")
     window = slice(-model.config.max_seq_len, None)  # longer prompts are checked by their last window
@@ -62,6 +78,22 @@ def stream(
         return
     cfg = model.config
     ids, lengths = _compact(input_ids, attention_mask)
+    stopping = Stopping(ids.shape[0], cfg.vocab_size, ids.device, eos_token_id, stop, pad_token_id)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(ids.shape[0], cfg.vocab_size, dtype=torch.bool, device=ids.device)
+        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        seen[rows[real], ids[real]] = True
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        next_ids = stopping.update(sample_next(logits, temperature, top_k, top_p, generator))
+        if seen is not None:
+            seen[torch.arange(len(next_ids), device=next_ids.device), next_ids] = True
+        return next_ids
+
     total = int(lengths.max()) + max_new_tokens
     if use_cache and total > cfg.max_seq_len:
         raise ValueError(
@@ -81,8 +113,10 @@ def stream(
             if on_cache is not None:
                 on_cache(cache)
             for step in range(max_new_tokens):
-                next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+                next_ids = choose(logits)
                 yield next_ids
+                if stopping.all_finished:
+                    return
                 if step + 1 < max_new_tokens:
                     logits = decode_step(model, cache, next_ids)
             return
@@ -94,8 +128,10 @@ def stream(
                 1, (start[:, None] + torch.arange(width, device=ids.device)).clamp(max=tokens.shape[1] - 1)
             )
             logits, _ = prefill(model, window, lengths - start, settings, keep_cache=False)
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            next_ids = choose(logits)
             yield next_ids
+            if stopping.all_finished:
+                return
             tokens.scatter_(1, lengths[:, None], next_ids[:, None])
             lengths = lengths + 1
     finally:
@@ -106,9 +142,9 @@ def stream(
 def generate(
     model: ReformerLM, input_ids: torch.Tensor, max_new_tokens: int = 100, **options
 ) -> torch.Tensor:
-    """``input_ids`` ``(batch, length)`` followed by ``max_new_tokens`` sampled ids: ``(batch, length +
-    max_new_tokens)`` in ``input_ids``'s dtype. ``options`` are :func:`stream`'s; see
-    :meth:`reformer.ReformerLM.generate`."""
+    """``input_ids`` ``(batch, length)`` followed by the sampled ids: ``(batch, length + n)`` in
+    ``input_ids``'s dtype, ``n = max_new_tokens`` unless every row finished earlier (``eos_token_id``,
+    ``stop``). ``options`` are :func:`stream`'s; see :meth:`reformer.ReformerLM.generate`."""
     new = list(stream(model, input_ids, max_new_tokens, **options))
     if not new:
         return input_ids.clone()

@@ -22,7 +22,6 @@ from ..config import LENGTH_FREE_POSITIONS, ReformerConfig, read_json_object
 from ..embeddings import AxialPositionEmbedding, ReformerEmbeddings, position_ids
 from ..feedforward import FeedForward
 from ..files import atomic_write, atomic_write_text
-from ..hashing import auto_n_buckets
 from ..reversible import ReformerBlock, ReversibleSequence
 
 CONFIG_FILE = "config.json"
@@ -55,12 +54,10 @@ def build_feed_forward(cfg: ReformerConfig) -> FeedForward:
 def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
     common = dict(d_head=cfg.d_head, causal=cfg.causal, attn_dropout=cfg.attn_dropout, dropout=cfg.dropout)
     if kind == "lsh":
-        n_buckets = cfg.n_buckets
-        if n_buckets is None and cfg.lsh_key_rule == "own_bucket":  # fixed: a prefix must not change it
-            n_buckets = auto_n_buckets(cfg.max_seq_len, cfg.bucket_size)
         return LSHSelfAttention(
             cfg.d_model, cfg.n_heads, bucket_size=cfg.bucket_size, n_hashes=cfg.n_hashes,
-            n_buckets=n_buckets, key_rule=cfg.lsh_key_rule, n_chunks_before=cfg.lsh_chunks_before,
+            n_buckets=cfg.n_buckets, key_rule=cfg.lsh_key_rule, max_seq_len=cfg.max_seq_len,
+            n_chunks_before=cfg.lsh_chunks_before,
             n_chunks_after=cfg.lsh_chunks_after, hash_seed=cfg.hash_seed,
             eval_hash_seed=EVAL_HASH_SEED_BASE + layer, **common,
         )  # fmt: skip

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..attention.base import SelfAttentionBase
 from ..attention.sequence_shard import check_heads
-from ..models.lm import ReformerLM
+from ..models.lm import ReformerLM, check_shifted_targets
 from ..models.loss import chunked_cross_entropy
 
 
@@ -134,11 +134,13 @@ class SequenceParallelLM(nn.Module):
     def loss(
         self, input_ids, targets, attention_mask=None, n_hashes=None, ignore_index=-100, chunk_size=4096
     ):
-        """Mean cross-entropy over the whole batch (every rank returns the same value)."""
+        """Mean cross-entropy over the whole batch (every rank returns the same value); ``targets`` are
+        already shifted, as in :meth:`ReformerLM.loss`."""
         if targets.shape != input_ids.shape:
             raise ValueError(
                 f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
             )
+        check_shifted_targets(input_ids, targets)
         hidden, order, mask = self._local_hidden(input_ids, attention_mask, n_hashes)
         targets = targets.to(hidden.device).long()
         if order is not None:

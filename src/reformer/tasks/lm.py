@@ -189,15 +189,17 @@ class LanguageModelTask(Task):
 
 
 def sample_text(model: nn.Module, corpus, n: int = 200, seed: int = 0) -> str:
-    """Up to ``n`` tokens sampled (temperature 0.8, top 40) after the first ``PROMPT_TOKENS`` held-out
-    tokens of ``corpus`` (fewer for short models: all fit in ``max_seq_len``), as text: the prompt,
-    ``|``, the continuation."""
+    """Up to ``n`` tokens sampled with ``generate``'s defaults (temperature 1.0, no top-k or top-p) from a
+    generator seeded with ``seed``, after the first ``PROMPT_TOKENS`` held-out tokens of ``corpus`` (fewer
+    for short models: all fit in ``max_seq_len``), as text: the prompt, ``|``, the continuation. For a
+    byte corpus this is what ``reformer generate RUN --prompt PROMPT --max-new-tokens n --seed seed``
+    prints."""
     device = next(model.parameters()).device
     room = model.config.max_seq_len
     prompt = torch.from_numpy(np.asarray(corpus.test[: min(PROMPT_TOKENS, room // 4)]).astype(np.int64))
     n = min(n, room - len(prompt))
     ids = model.generate(
-        prompt[None].to(device), max_new_tokens=n, temperature=0.8, top_k=40,
+        prompt[None].to(device), max_new_tokens=n,
         generator=torch.Generator(device=device).manual_seed(seed),
     )  # fmt: skip
     return corpus.decode(prompt) + "|" + corpus.decode(ids[0, len(prompt) :].cpu())

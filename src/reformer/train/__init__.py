@@ -1,5 +1,5 @@
-"""Training and evaluation: presets, AdamW with warm-up + rsqrt decay, accumulation, AMP, DDP,
-atomic and exactly resumable checkpoints, metrics (JSONL + PNG), and the ``train`` / ``eval`` /
+"""Training and evaluation: presets, AdamW with warm-up and an rsqrt or cosine decay, accumulation,
+AMP, DDP, atomic and exactly resumable checkpoints, metrics (JSONL + PNG), and the ``train`` / ``eval`` /
 ``predict`` commands. What differs between tasks (data, model, loss, metrics) is the task's
 (:mod:`reformer.tasks`).
 

@@ -19,6 +19,7 @@ from ..config import read_json_object
 from ..tasks import ModelSettings, Task, TrainingError, get_task, presets, tasks_with_setting
 from ..tasks import settings as typed
 from ..tasks.settings import setting
+from .loggers import check_logger_names
 from .precision import HELP as PRECISION_HELP
 from .precision import PRECISIONS
 
@@ -51,7 +52,11 @@ class TrainConfig:
     schedule: str = setting(
         "rsqrt", "rsqrt (independent of --steps) or cosine (to --cosine-steps)", choices=SCHEDULES
     )
-    cosine_steps: int | None = setting(None, "horizon of the cosine schedule", unset="--steps")
+    cosine_steps: int | None = setting(
+        None,
+        "horizon of the cosine schedule; unset, it follows --steps, a resumed run's new --steps too",
+        unset="--steps",
+    )
     min_lr_ratio: float = 0.1
     weight_decay: float = setting(0.01, "AdamW's weight decay")
     beta1: float = 0.9
@@ -63,6 +68,12 @@ class TrainConfig:
     save_every: int = setting(100, "steps between checkpoints")
     keep_checkpoints: int = 2
     log_every: int = setting(10, "steps between metrics lines")
+    log: list[str] = setting(
+        default_factory=list,
+        help="loggers beside metrics.jsonl: tensorboard (RUN/tensorboard; the [tensorboard] extra) or one "
+        "registered with reformer.train.loggers.register_logger",
+        metavar="NAME",
+    )
     max_minutes: float | None = setting(None, "stop (and save) after this much wall time", unset="no limit")
     skip_nonfinite: int = setting(
         0,
@@ -93,8 +104,13 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be positive")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip={self.clip} must be positive (or None for no clipping)")
-        if self.schedule == "cosine" and not self.cosine_steps:
-            raise ValueError("the cosine schedule needs its own horizon: pass --cosine-steps N")
+        if self.cosine_steps is not None and (
+            not isinstance(self.cosine_steps, int) or self.cosine_steps < 1
+        ):
+            raise ValueError(
+                f"cosine_steps={self.cosine_steps!r} must be a positive integer or None (--steps)"
+            )
+        check_logger_names(self.log)
         self.make_task().validate()
 
     def make_task(self) -> Task:
@@ -216,12 +232,40 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
     ``rsqrt``: linear warm-up to ``lr`` then ``lr * sqrt(warmup / step)``, as in the paper's
     configurations; it does not depend on ``steps``, so extending a run follows the same curve.
-    ``cosine``: warm-up then a cosine from ``lr`` to ``lr * min_lr_ratio`` over ``cosine_steps``.
+    ``cosine``: warm-up then a cosine from ``lr`` to ``lr * min_lr_ratio`` over ``cosine_steps`` (None:
+    over ``steps``, so a run resumed with more steps stretches the rest of its curve to the new end);
+    steps past the horizon train at the floor ``lr * min_lr_ratio``.
     """
     step = step + 1
     warm = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
     if cfg.schedule == "rsqrt":
         return cfg.lr * warm * math.sqrt(max(cfg.warmup, 1) / max(step, cfg.warmup, 1))
-    progress = min(1.0, max(0, step - cfg.warmup) / max(1, cfg.cosine_steps - cfg.warmup))
+    horizon = cfg.cosine_steps or cfg.steps
+    progress = min(1.0, max(0, step - cfg.warmup) / max(1, horizon - cfg.warmup))
     floor = cfg.lr * cfg.min_lr_ratio
     return warm * (floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def schedule_change(saved: TrainConfig, resumed: TrainConfig, step: int) -> str | None:
+    """What resuming ``saved`` at ``step`` as ``resumed`` does to a cosine schedule, in words (None when
+    nothing changes): a stretched horizon raises the learning rate, a fixed one that ends before the
+    new ``steps`` leaves the extra steps at the floor."""
+    if resumed.schedule != "cosine" or step >= resumed.steps:
+        return None
+    before, after = saved.cosine_steps or saved.steps, resumed.cosine_steps or resumed.steps
+    lr_before, lr_after = learning_rate(saved, step), learning_rate(resumed, step)
+    if after != before:
+        keep = f"--cosine-steps {before}"
+        return (
+            f"cosine schedule: its horizon moves from step {before} to {after}, so the learning rate at "
+            f"step {step + 1} is {lr_after:.3g} instead of {lr_before:.3g} and decays to the floor at step "
+            f"{after} (pass {keep} to keep the old curve)"
+        )
+    if after < resumed.steps:
+        return (
+            f"cosine schedule: its horizon is step {after} (--cosine-steps), so steps "
+            f"{max(step, after) + 1} to {resumed.steps} train at the floor learning rate "
+            f"{resumed.lr * resumed.min_lr_ratio:.3g} (pass --cosine-steps {resumed.steps} to stretch the "
+            "curve to the new end)"
+        )
+    return None

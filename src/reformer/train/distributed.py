@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
+from ..devices import default_device
 from ..tasks import TrainingError
 
 
@@ -31,7 +32,7 @@ class Distributed:
     def setup(cls, device: str | None = None) -> Distributed:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = str(default_device())
         if world_size == 1:
             return cls(device=torch.device(device))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

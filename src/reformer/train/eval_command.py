@@ -8,8 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
+from ..devices import default_device
 from ..tasks import TrainingError, get_task
 from .config import TrainConfig, saved_task
 from .runs import evaluate, load_run
@@ -32,7 +31,7 @@ def add_task_eval_arguments(p: argparse.ArgumentParser, argv: Sequence[str]) -> 
 
 
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     try:
         _, task, model = load_run(args.run, device)
         metrics = evaluate(task, model, args, device, args.n_hashes)

@@ -28,8 +28,16 @@ from .checkpoints import (
     rng_states,
     save_checkpoint,
 )
-from .config import TRAIN_CONFIG_FILE, TrainConfig, TrainingError, learning_rate
+from .config import (
+    TRAIN_CONFIG_FILE,
+    TrainConfig,
+    TrainingError,
+    learning_rate,
+    read_train_config,
+    schedule_change,
+)
 from .distributed import Distributed, Mesh, check_replicas, peer_failures
+from .loggers import RunLog
 from .metrics import MetricsLog, postfix, progress_bar
 from .precision import training_autocast
 from .run_lock import hold_run_lock
@@ -158,7 +166,7 @@ def _train(
     objective = data_parallel(task.objective(net), dist, mesh)
     autocast = training_autocast(cfg.precision, dist.device)
     held_out = task.held_out()
-    logger = MetricsLog(run, task.loss_in_bits, enabled=dist.is_main)
+    logger = RunLog(MetricsLog(run, task.loss_in_bits, enabled=dist.is_main), cfg.log, state["step"])
     checkpoint, last_eval = resume_from, {}
     tokens_per_step = cfg.batch_size * cfg.seq_len
     started, step_start = time.monotonic(), state["step"]
@@ -235,7 +243,7 @@ def _train(
             f"continue with: reformer train --out {run} --resume",
             file=sys.stderr,
         )
-    logger.plot()
+    logger.close()
     # Finish together: a gloo rank that tears down while its peer is still busy (rank 0 plots) was seen
     # to abort with "terminate called without an active exception" (about 1 run in 6).
     dist.barrier()
@@ -303,16 +311,23 @@ def announce(
     cfg: TrainConfig, task: Task, model: torch.nn.Module, run: Path, resume: bool, resumed: Path | None,
     step: int, dist: Distributed,
 ) -> None:  # fmt: skip
-    """On the main process: write ``train_config.json`` (a new run) or drop the metrics logged after the
-    resumed checkpoint, the task's files (:meth:`Task.save_files`), and print the data and the model."""
+    """On the main process: drop the metrics a resumed run logged after its checkpoint and say what the
+    resume does to a cosine schedule, write ``train_config.json`` (the run's settings now: a resumed
+    run's new ``steps`` ...), the task's files (:meth:`Task.save_files`), and print the data and the
+    model."""
     if not dist.is_main:
         return
     if resume:
         MetricsLog(run, task.loss_in_bits, enabled=True).truncate_after(step)
         where = resumed or "its start (it stopped before its first checkpoint)"
         print(f"resumed {run} at step {step} from {where}", file=sys.stderr)
-    else:
-        atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        try:
+            note = schedule_change(read_train_config(run), cfg, step)
+        except (ValueError, FileNotFoundError):  # no readable settings saved: nothing to compare with
+            note = None
+        if note:
+            print(note, file=sys.stderr)
+    atomic_write_text(run / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     task.save_files(run)
     print(f"data: {task.describe()}\nmodel: {task.describe_model(model)}", file=sys.stderr)
 

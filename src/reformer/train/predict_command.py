@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from ..devices import default_device
 from ..tasks import Task, TrainingError
 from ..tasks.labelled import DataError
 from .runs import load_run
@@ -22,13 +21,13 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", action="store_true", help="cut texts over the model's max_seq_len")
     p.add_argument("--top", type=int, default=3, help="classes listed with their probabilities (default 3)")
     p.add_argument("--n-hashes", type=int, help="LSH hash rounds (default: as trained)")
-    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def run_predict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """One line per text: the predicted label, its probability, then the ``--top`` classes as
     ``label=probability``."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     try:
         cfg, task, model = load_run(args.run, device)
         names = task.class_names()

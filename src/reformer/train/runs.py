@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ReformerConfig
+from ..devices import default_device
 from ..models.base import CONFIG_FILE
 from ..tasks import Task, use_full_attention
 from .config import TRAIN_CONFIG_FILE, TrainConfig, read_train_config
@@ -67,7 +68,7 @@ def evaluate_run(
 ) -> dict[str, float]:
     """The metrics ``reformer eval RUN`` prints; ``options``: the evaluation flags of the run's task
     (``max_tokens=``, ``full_attention=``, ``batch_size=``, ``data=`` ...)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     _, task, model = load_run(run, device)
     values = eval_options(task, **options)
     values.run = str(run)

@@ -35,7 +35,8 @@ from .runs import load_run
 OPTIMISER_SETTINGS = ("lr", "warmup", "schedule", "cosine_steps", "weight_decay", "clip")
 # Settings a resumed run may change; everything else must match the saved run.
 RESUMABLE_OVERRIDES = (
-    "steps", "eval_every", "save_every", "log_every", "max_minutes", "skip_nonfinite", "progress"
+    "steps", "cosine_steps", "eval_every", "save_every", "log_every", "log", "max_minutes", "skip_nonfinite",
+    "progress",
 )  # fmt: skip
 FOREIGN = "other_task."  # the dest prefix of the flags of other tasks (refused with their tasks named)
 
@@ -54,7 +55,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="settings to start from, in train_config.json's layout (any part of it; a saved run's file "
         "repeats the run); flags override them",
     )  # fmt: skip
-    p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
+    p.add_argument(
+        "--out", default=None,
+        help="run folder (default: runs/<preset> with --preset, else runs/<task> with --task, else "
+        "runs/tiny)",
+    )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint"
     )
@@ -171,8 +176,6 @@ def config_from_args(args: argparse.Namespace, resumed: str | None = None) -> Tr
     cfg = dataclasses.replace(
         cfg, **run_given, task_settings=typed.replace(cfg.task_settings, task_given, f"--task {task.name}")
     )
-    if cfg.schedule == "cosine" and cfg.cosine_steps is None:  # the horizon is the run's length
-        cfg.cosine_steps = cfg.steps
     seq_len_given = "seq_len" in run_given or "seq_len" in layer
     changes = {**layer.get("model", {}), **model_given}
     cfg.model = cfg.model.with_changes(changes, cfg.seq_len, seq_len_given, task.causal)
