@@ -22,11 +22,11 @@ for n_buckets, rule in ((None, "chunks"), (8, "own_bucket")):  # both rotation d
     ids = torch.randint(0, 32, (2, 40))
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, 30:] = 0
-    model(ids, attention_mask=mask, targets=ids).backward()  # training: reversible, chunked loss
+    model(ids, attention_mask=mask, targets=ids.roll(-1, 1)).backward()  # training: reversible, chunked loss
     model.eval()
     with torch.no_grad():
         model(ids, attention_mask=mask)
-    model(ids, targets=ids).backward()  # eval mode with gradients
+    model(ids, targets=ids.roll(-1, 1)).backward()  # eval mode with gradients
     list(model.generate(ids[:1, :5], max_new_tokens=3, temperature=0.0))
 enc = reformer.ReformerForSequenceClassification(
     reformer.ReformerConfig(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=64, bucket_size=8,

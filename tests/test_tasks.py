@@ -245,11 +245,15 @@ def test_config_file_round_trip_and_flags_over_it(tmp_path, corpus_file):
         config_from_args(parse_train_args(["--config", str(part)]))
 
 
-def test_runs_saved_in_the_flat_layout_load_as_they_were_trained():
+def test_runs_saved_in_the_flat_layout_load_as_they_were_trained(monkeypatch):
     """train_config.json files of the flat layout (task settings at the top level, a partial model dict)
     give the model the run was trained with, keep their task settings, and survive a round trip."""
     from reformer import ReformerConfig
     from reformer.models import Seq2SeqConfig
+    from reformer.tasks.lm import LanguageModelTask
+
+    # Runs of that layout read bytes; their data files are not on this machine.
+    monkeypatch.setattr(LanguageModelTask, "vocab_size", property(lambda self: 256))
 
     for name, saved in json.loads(LEGACY.read_text()).items():
         flat = saved["train_config"]
@@ -259,8 +263,9 @@ def test_runs_saved_in_the_flat_layout_load_as_they_were_trained():
             assert config.to_dict() == Seq2SeqConfig.from_dict(saved["config"]).to_dict(), name
         else:
             assert config.to_dict() == ReformerConfig.from_dict(saved["config"]).to_dict(), name
+        newer = {f.name: f.default for f in dataclasses.fields(cfg.task_settings)}  # added since: defaults
         for key, value in dataclasses.asdict(cfg.task_settings).items():
-            assert flat[key] == value, (name, key)
+            assert flat.get(key, newer[key]) == value, (name, key)
         defaults = TrainConfig().run_settings()
         for key, value in cfg.run_settings().items():  # a setting newer than the layout: its default
             assert flat.get(key, defaults[key]) == value, (name, key)

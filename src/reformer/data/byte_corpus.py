@@ -23,6 +23,7 @@ from .paths import (
     expand,
     files_key,
     is_held_out,
+    refuse_empty_splits,
     split_by_file,
 )
 
@@ -97,6 +98,7 @@ def load_corpus(
         cut = len(data) - max(1, int(len(data) * HELD_OUT_FRACTION))
         return Corpus(str(files[0]), data[:cut], data[cut:], data[cut:])
     train_files, held_out = split_by_file(files)
+    refuse_empty_splits(train_files, held_out)
     train, test = _concatenated(train_files, "train"), _concatenated(held_out, "test")
     return Corpus(f"{len(files)} files under {common_root(files)}", train, test, test)
 

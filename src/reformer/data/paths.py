@@ -60,7 +60,11 @@ def split_by_file(files: list[Path]) -> tuple[list[Path], list[Path]]:
     held_out = [f for f in files if is_held_out(f, root)]
     if not held_out or len(held_out) == len(files):
         held_out = files[-max(1, round(len(files) * HELD_OUT_FRACTION)) :]  # too few files to hash
-    train = [f for f in files if f not in held_out]
+    return [f for f in files if f not in held_out], held_out
+
+
+def refuse_empty_splits(train: list[Path], held_out: list[Path]) -> None:
+    """Raise ``ValueError`` naming the files when every training or every held-out file is empty."""
     for split, group in (("training", train), ("held-out", held_out)):
         if all(f.stat().st_size == 0 for f in group):
             names = ", ".join(str(f) for f in group[:3]) + (
@@ -69,7 +73,6 @@ def split_by_file(files: list[Path]) -> tuple[list[Path], list[Path]]:
             raise ValueError(
                 f"--data: the {split} files ({names}) are all empty; remove the empty files or add text"
             )
-    return train, held_out
 
 
 def common_root(files: Sequence[Path]) -> Path:

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, not args.no_cache,
             args.n_hashes, generator, hf_compatible=args.hf_compatible,
             on_cache=lambda c: info.update(cache_bytes=c.nbytes()), eos_token_id=args.eos_id,
-            stop=[[b + offset for b in text.encode("utf-8")] for text in args.stop or []],
+            stop=[[int(i) for i in codec.encode(text.encode("utf-8"))] for text in args.stop or []],
             repetition_penalty=args.repetition_penalty,
         )  # fmt: skip
         for next_ids in tokens:
