@@ -133,6 +133,7 @@ def train(
     ``world_size / P`` groups of P are data-parallel replicas. It is a property of the launch, not of the
     run: a run may be resumed with another P or process count.
     """
+    cfg.validate()  # before the lock, which makes the run folder: bad settings leave nothing behind
     dist = Distributed.setup(device)
     try:
         with peer_failures(dist, out), hold_run_lock(out, dist):
@@ -144,7 +145,6 @@ def train(
 def _train(
     cfg: TrainConfig, run: Path, resume: bool, dist: Distributed, sequence_parallel: int
 ) -> TrainResult:
-    cfg.validate()
     task = cfg.make_task()
     if sequence_parallel > 1 and not task.sequence_parallel:
         raise TrainingError(f"--task {cfg.task} does not support --sequence-parallel; use data parallelism")
