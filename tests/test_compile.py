@@ -51,8 +51,10 @@ def test_graph_breaks():
     model.train()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(_train_step)(model, ids, mask)
-    # One break where the reversible stack runs eagerly, one at loss.backward().
-    assert explained.graph_break_count <= 2, explained.break_reasons
+    # The reversible stack's one eager region, counted once in each enclosing frame (forward, then loss
+    # for targets), and loss.backward(); every reason names that region.
+    assert explained.graph_break_count <= 3, explained.break_reasons
+    assert all("reversible.py" in str(r.user_stack) for r in explained.break_reasons), explained.break_reasons
     torch._dynamo.reset()
 
 
