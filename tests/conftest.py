@@ -49,3 +49,10 @@ def corpus_file(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     return path
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """``REFORMER_CACHE`` pointed at a folder of the test's own (where corpora are joined once)."""
+    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

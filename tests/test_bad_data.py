@@ -23,9 +23,7 @@ from tests.conftest import SMALL_FLAGS
 TEN_GB = 10 * 2**30
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def _sparse(path, size, head=b""):

@@ -23,17 +23,7 @@ from reformer.train import checkpoints as ckpt
 from tests.conftest import SMALL_FLAGS, SMALL_MODEL
 from tests.conftest import small_lm_config as small_config
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    return path
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def _weights(run):

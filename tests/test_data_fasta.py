@@ -34,9 +34,7 @@ def letters(ids) -> str:
     return "".join("|" if i == SEPARATOR else BASES[i] for i in np.asarray(ids).tolist())
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def test_multi_line_records_lower_case_and_iupac_codes(tmp_path):

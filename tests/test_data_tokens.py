@@ -8,10 +8,7 @@ import torch
 
 from reformer.data import FORMATS, IGNORE_INDEX, detect_format, load_data, load_tokens
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def write_bin(path, ids, dtype):

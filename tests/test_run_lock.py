@@ -28,16 +28,7 @@ time.sleep(600)
 """
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    return path
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def _env():

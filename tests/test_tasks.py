@@ -29,9 +29,7 @@ from tests.conftest import SMALL_FLAGS
 LEGACY = Path(__file__).parent / "data" / "train_config_flat_layout.json"
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 # ---- a task from outside the package --------------------------------------------------------------

@@ -36,10 +36,7 @@ from reformer.train import (
 from tests.conftest import SMALL_FLAGS, SMALL_MODEL
 from tests.conftest import small_lm_config as small_config
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 # ---- data ------------------------------------------------------------------------------------------
