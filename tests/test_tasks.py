@@ -210,6 +210,17 @@ def test_another_tasks_flag_names_the_tasks_that_take_it(tmp_path):
 # ---- settings files ---------------------------------------------------------------------------------
 
 
+def test_unknown_layouts_and_keys_are_named_in_saved_runs_and_config_files(tmp_path):
+    saved = TrainConfig().to_dict()
+    for bad, message in (({**saved, "format": 99}, "format 99 is unknown"), ({**saved, "nope": 1}, "'nope'")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_dict(bad)
+        config = tmp_path / "run.json"
+        config.write_text(json.dumps(bad))
+        code, _, err = _run(["train", "--config", str(config), "--out", str(tmp_path / "r")])
+        assert code == 2 and message in err and str(config) in err
+
+
 def test_config_file_round_trip_and_flags_over_it(tmp_path, corpus_file):
     run = tmp_path / "run"
     argv = [

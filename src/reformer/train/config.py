@@ -137,16 +137,7 @@ class TrainConfig:
         """A saved ``train_config.json``: this layout, or the flat one of older runs."""
         if "format" not in data:
             return from_legacy_dict(data)
-        if data["format"] != FORMAT:
-            raise ValueError(
-                f"train_config format {data['format']!r} is unknown; this version reads {FORMAT}"
-            )
-        data = {k: v for k, v in data.items() if k != "format"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown train_config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return cls(**current_layout(data, "train_config"))
 
 
 NESTED = ("task", "model", "task_settings")
@@ -169,6 +160,21 @@ def other_tasks_setting(name: str, task: str) -> str:
     """The message for a setting of other tasks given to ``task``."""
     flag = "--" + name.replace("_", "-")
     return f"{flag} is for --task {' / '.join(tasks_with_setting(name))}, not --task {task}"
+
+
+def current_layout(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The fields of ``data`` (a whole or partial ``train_config.json`` of this layout) without its
+    ``format``; an unknown format or key is a ``ValueError`` that names ``where``."""
+    if data.get("format", FORMAT) != FORMAT:
+        raise ValueError(
+            f"{where}: train_config format {data['format']!r} is unknown; this version reads {FORMAT}"
+        )
+    data = {k: v for k, v in data.items() if k != "format"}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown train_config keys {unknown}; the keys are {sorted(known)}")
+    return data
 
 
 def from_legacy_dict(data: dict[str, Any]) -> TrainConfig:

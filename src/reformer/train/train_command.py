@@ -17,11 +17,11 @@ from ..config import read_json_object
 from ..tasks import get_task, presets, task_names
 from ..tasks import settings as typed
 from .config import (
-    FORMAT,
     LEGACY_TASK_KEYS,
     NESTED,
     TrainConfig,
     TrainingError,
+    current_layout,
     default_preset,
     from_legacy_dict,
     other_tasks_setting,
@@ -136,16 +136,7 @@ def config_file(path: str) -> dict[str, Any]:
     data = read_json_object(Path(path), "give a JSON object in train_config.json's layout")
     if "format" not in data and any(k in data for k in LEGACY_TASK_KEYS):  # a run saved in the flat layout
         data = from_legacy_dict(data).to_dict()
-    if data.get("format", FORMAT) != FORMAT:
-        raise ValueError(
-            f"{path}: train_config format {data['format']!r} is unknown; this version reads {FORMAT}"
-        )
-    data = {k: v for k, v in data.items() if k != "format"}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; the keys are {sorted(known)}")
-    return data
+    return current_layout(data, path)
 
 
 def start_config(known: argparse.Namespace, task: str) -> TrainConfig:
