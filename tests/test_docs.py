@@ -201,7 +201,12 @@ def test_documented_command_parses(argv, tmp_path, monkeypatch):
             cfg = config_from_args(args)
             cfg.validate()
             if not {"--data", "--valid", "--tokenizer"} & set(argv):
-                cfg.model_config()  # else the vocabulary comes from data files the docs' reader has
+                try:  # else the vocabulary comes from data files the docs' reader has
+                    cfg.model_config()
+                except ValueError as err:  # the default corpus of a format whose extra is not installed
+                    if "which is not installed: pip install 'reformer[" not in str(err):
+                        raise
+                    pytest.skip(str(err))
 
 
 def _quick_start() -> str:
