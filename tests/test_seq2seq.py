@@ -7,7 +7,7 @@ import torch
 
 from reformer.config import ReformerConfig
 from reformer.models.seq2seq import ReformerEncoderDecoder, Seq2SeqConfig
-from reformer.reversible_decoder import ReversibleDecoder
+from reformer.reversible import ReversibleSequence
 
 
 def _config(self_kinds=("full", "lsh"), cross="full", vocab=(23, 23), reversible=True, dropout=0.0, **extra):
@@ -66,13 +66,13 @@ def test_reversible_matches_plain_residuals(self_kinds, cross, train):
 def test_memory_gradient_accumulates_over_every_decoder_layer():
     torch.manual_seed(0)
     model = ReformerEncoderDecoder(_config(("full", "local", "lsh"), "lsh")).double().eval()
-    decoders = [model.decoder, ReversibleDecoder(list(model.decoder.blocks), reversible=False)]
+    decoders = [model.decoder, ReversibleSequence(list(model.decoder.blocks), reversible=False)]
     x = torch.randn(2, 12, 32, dtype=torch.float64, requires_grad=True)
     grads = []
     for decoder in decoders:
         memory = torch.randn(2, 17, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         memory.requires_grad_(True)
-        a, b = decoder(x, x, memory, {})
+        a, b = decoder(x, x, memory=memory)
         (a.pow(2).sum() + b.sin().sum()).backward()
         grads.append(memory.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)

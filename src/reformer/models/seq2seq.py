@@ -18,7 +18,8 @@ from ..attention import CrossAttention, LSHCrossAttention
 from ..data import IGNORE_INDEX
 from ..embeddings import AxialPositionEmbedding, position_ids
 from ..files import atomic_write
-from ..reversible_decoder import DecoderBlock, ReversibleDecoder
+from ..reversible import ReversibleSequence
+from ..reversible_decoder import DecoderBlock
 from .base import (
     EVAL_HASH_SEED_BASE,
     WEIGHTS_FILE,
@@ -79,7 +80,7 @@ class ReformerEncoderDecoder(nn.Module):
             )  # fmt: skip
             for i, kind in enumerate(dec.attn_layers)
         ]
-        self.decoder = ReversibleDecoder(blocks, reversible=dec.reversible)
+        self.decoder = ReversibleSequence(blocks, reversible=dec.reversible)
         self.final_norm = nn.LayerNorm(2 * dec.d_model, eps=dec.layer_norm_eps)
         self.lm_head = nn.Linear(2 * dec.d_model, dec.vocab_size)
         for module in (self.embeddings, self.decoder, self.final_norm, self.lm_head):
@@ -165,8 +166,7 @@ class ReformerEncoderDecoder(nn.Module):
             decoder_input_ids.device,
         )
         x = self.embeddings(decoder_input_ids.long(), positions)
-        ctx = dict(attention_mask=decoder_mask, memory_mask=memory_mask, n_hashes=n_hashes)
-        a, b = self.decoder(x, x, memory, ctx)
+        a, b = self.decoder(x, x, decoder_mask, n_hashes, memory=memory, memory_mask=memory_mask)
         return self.final_norm(torch.cat([a, b], dim=-1))
 
     def _check_decoder_ids(self, ids: torch.Tensor) -> None:
