@@ -2,15 +2,17 @@
 
 Memory: the peak of live CPU tensors (:class:`reformer.bench.tensor_memory.TensorMemory`, what
 ``torch.cuda.max_memory_allocated`` would report on a GPU; the weights are not counted) during the
-forward pass and during ``loss.backward()``, for a source and a target of ``L`` tokens each. The numbers
-are exact and do not depend on the machine's load. Time: the median of ``--repeats`` steps after one
-warm-up step, at ``--time-length`` (0: no timing).
+forward pass and during ``loss.backward()``, for a source and a target of ``L`` tokens each: of the whole
+step (``step_*``) and of the decoder alone on a fixed encoder output that requires grad (``decoder_*``).
+The numbers are exact and do not depend on the machine's load. Time: the median of ``--repeats`` steps
+after one warm-up step, at ``--time-length`` (0: no timing).
 
 The model: an encoder and a decoder of ``--layers`` layers each with LSH self-attention, LSH
-cross-attention, ``d_model`` 256, ``d_ff`` 1024 and ``--ff-chunk-size`` (the library's default 4096), in
-training mode with dropout 0.1. Each length prints one JSON line.
+cross-attention, ``d_model`` 256, ``--d-ff`` (default 1024) and ``--ff-chunk-size`` (default 4096, the
+library's), in training mode with dropout 0.1. Each length prints one JSON line.
 
-    PYTHONPATH=src python benchmarks/seq2seq_step.py --lengths 4096 8192 16384 --time-length 4096
+    PYTHONPATH=src python benchmarks/seq2seq_step.py --lengths 4096 8192 --time-length 4096
+    PYTHONPATH=src python benchmarks/seq2seq_step.py --lengths 2048 4096 --d-ff 4096 --ff-chunk-size 512
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ def step_time(length: int, layers: int, ff_chunk_size: int | None, d_ff: int, re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument(
+        "--lengths", type=int, nargs="*", default=[4096, 8192], help="lengths to measure memory at"
+    )
     parser.add_argument("--layers", type=int, default=2, help="layers of the encoder and of the decoder")
     parser.add_argument("--ff-chunk-size", type=int, default=4096)
     parser.add_argument("--d-ff", type=int, default=1024)

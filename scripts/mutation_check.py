@@ -69,6 +69,14 @@ FAST_TESTS = [
 ]
 
 
+# The reversible engine's decoder configuration (not in the fast subset).
+DECODER_TESTS = (
+    "tests/test_reversible_engine.py",
+    "tests/test_seq2seq.py::test_reversible_matches_plain_residuals",
+    "tests/test_seq2seq.py::test_memory_gradient_accumulates_over_every_decoder_layer",
+)
+
+
 @dataclass(frozen=True)
 class Mutation:
     name: str
@@ -170,14 +178,38 @@ MUTATIONS = [
         "attention output scaled by 1.05",
     ),
     Mutation(
-        "rng-replay", "reversible.py",
+        "rng-replay", "recompute.py",
         "torch.set_rng_state(self.cpu)", "torch.get_rng_state()",
         "reversible backward recomputes layers without restoring the RNG state (other dropout masks)",
     ),
     Mutation(
         "reversible-rebuild", "reversible.py",
-        "y2.sub_(g_out)  # now x2", "y2.sub_(g_out * 0.999)  # now x2",
-        "reversible backward rebuilds x2 slightly wrong",
+        "b.sub_(f_out)  # now a_in", "b.sub_(f_out * 0.999)  # now a_in",
+        "reversible backward rebuilds each half-step's input slightly wrong",
+    ),
+    Mutation(
+        "ff-full-backward", "reversible.py",
+        "if kind == FEED_FORWARD:  # chunk by chunk", 'if kind == "feed_forward":  # chunk by chunk',
+        "the reversible backward runs the feed-forward over the whole sequence (d_ff activations whole)",
+        ("tests/test_reversible_engine.py",),
+    ),
+    Mutation(
+        "decoder-memory-grad", "reversible.py",
+        "grad_memory.add_(rest[-1])", "grad_memory.copy_(rest[-1])",
+        "the encoder output's gradient keeps only the first decoder layer's cross-attention contribution",
+        DECODER_TESTS,
+    ),
+    Mutation(
+        "decoder-memory-steps", "reversible_decoder.py",
+        'memory_steps = ("cross",)', "memory_steps = ()",
+        "the reversible decoder passes no gradient to the encoder output",
+        DECODER_TESTS,
+    ),
+    Mutation(
+        "decoder-cross-norm-grad", "reversible_decoder.py",
+        '"cross": (self.cross_norm, self.cross_attention),', '"cross": (self.cross_attention,),',
+        "the reversible decoder drops the gradients of the cross-attention's LayerNorm",
+        DECODER_TESTS,
     ),
     Mutation(
         "axial-digits", "embeddings.py",

@@ -4,6 +4,8 @@ those of plain residuals through the same blocks (float64, init std 0.3, dropout
 replayed), and its backward pass never holds the feed-forward's ``d_ff``-wide activations of the whole
 sequence."""
 
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -75,28 +77,49 @@ def test_decoder_stack_gradients_equal_plain_residuals(self_kinds, cross, train,
         torch.testing.assert_close(reversible[name], plain[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
-class _Shapes(TorchDispatchMode):
-    """Records the shape of every tensor an operation returns."""
+class _LiveWidth(TorchDispatchMode):
+    """The peak bytes of live activations ``(batch, length, width)`` (each storage counted once, from the
+    operation that makes it until it is freed; parameter-shaped tensors are not activations)."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int) -> None:
         super().__init__()
-        self.shapes: set[tuple[int, ...]] = set()
+        self.width, self.live, self.peak = width, 0, 0
+        self._sizes: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+        self._refs.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.add(tuple(t.shape))
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.width:
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key not in self._sizes:
+                self._sizes[key] = storage.nbytes()
+                self._refs[key] = weakref.ref(storage, lambda _, key=key: self._freed(key))
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
         return out
 
 
-def test_decoder_backward_runs_the_feed_forward_in_chunks():
-    decoder = _decoder(("full", "lsh"), "lsh", dropout=0.1, ff_chunk_size=8).train()
-    x1, x2, memory, (w1, w2) = _inputs()
+def _feed_forward_backward_peak(ff_chunk_size: int | None) -> int:
+    decoder = _decoder(("full", "lsh"), "lsh", dropout=0.1, ff_chunk_size=ff_chunk_size).train()
+    x1, x2, memory, (w1, w2) = _inputs(length=40)
     leaves = [t.clone().requires_grad_(True) for t in (x1, x2, memory)]
     a, b = decoder.layers(leaves[0], leaves[1], memory=leaves[2])
-    with _Shapes() as seen:
+    with _LiveWidth(D_FF) as seen:
         ((a * w1).sum() + (b * w2).sum()).backward()
-    assert (2, 8, D_FF) in seen.shapes  # the check sees the feed-forward's chunks
-    assert (2, 21, D_FF) not in seen.shapes  # and never the whole sequence's activations
     assert leaves[2].grad is not None and leaves[2].grad.abs().sum() > 0
+    return seen.peak
+
+
+def test_decoder_backward_holds_one_feed_forward_chunk_at_a_time():
+    whole = _feed_forward_backward_peak(None)
+    chunked = _feed_forward_backward_peak(8)  # 5 chunks of 8 positions
+    assert whole > 0
+    # One chunk's d_ff-wide activations (about 1/5 of the whole), not every chunk's at once.
+    assert chunked < 0.35 * whole, (chunked, whole)
