@@ -26,7 +26,7 @@ from reformer.tasks.copy import copy_task_batch
 from reformer.train import TrainConfig, config_from_args, parse_train_args, train
 from tests.conftest import SMALL_FLAGS
 
-LEGACY = Path(__file__).parent / "data" / "train_config_flat_layout.json"
+LEGACY = Path(__file__).parent.parent / "fixtures" / "train_config_flat_layout.json"
 
 
 pytestmark = pytest.mark.usefixtures("own_cache")
