@@ -262,6 +262,18 @@ MUTATIONS = [
         ("tests/parallel/test_sequence_parallel.py::test_two_gloo_ranks_equal_one_process_and_share_checkpoints",),
     ),
     Mutation(
+        "best-direction", "train/best.py",
+        'value < self.best if self.direction == "min"', 'value > self.best if self.direction == "min"',
+        "--keep-best keeps the worst held-out loss",
+        ("tests/train/test_best.py",),
+    ),
+    Mutation(
+        "best-swap-not-restored", "train/best.py",
+        "    if old.exists() and not final.exists():\n        old.rename(final)\n", "",
+        "an interruption between the two renames loses the kept best weights",
+        ("tests/train/test_best.py",),
+    ),
+    Mutation(
         "manifest-not-flushed", "train/checkpoints.py",
         "atomic_write(folder / MANIFEST_FILE, lambda tmp: tmp.write_text(text))",
         "(folder / MANIFEST_FILE).write_text(text)",
