@@ -262,6 +262,19 @@ MUTATIONS = [
         ("tests/parallel/test_sequence_parallel.py::test_two_gloo_ranks_equal_one_process_and_share_checkpoints",),
     ),
     Mutation(
+        "passkey-decoy-is-key", "tasks/passkey.py",
+        "        if tail[0] == first:", "        if False:",
+        "a passkey decoy can be the key itself (a second needle)",
+        ("tests/tasks/test_long_context_data.py",),
+    ),
+    Mutation(
+        "passkey-decoys-in-tests", "tasks/passkey.py",
+        'decoys = self.settings.train_decoys if split == "train" else 0',
+        "decoys = self.settings.train_decoys",
+        "held-out and test haystacks carry the training decoys",
+        ("tests/tasks/test_long_context_data.py",),
+    ),
+    Mutation(
         "best-direction", "train/best.py",
         'value < self.best if self.direction == "min"', 'value > self.best if self.direction == "min"',
         "--keep-best keeps the worst held-out loss",
