@@ -133,7 +133,7 @@ def test_a_model_saved_in_the_top_level_decoder_layout_loads(tmp_path):
     """Weights named ``embeddings.*``, ``decoder.blocks.*`` and ``final_norm.*`` (the decoder's parts at the
     top level, shared token embeddings stored once) load, give the logits recorded when they were saved,
     and round-trip in today's layout."""
-    folder = Path(__file__).parent / "data" / "encoder_decoder_top_level_layout"
+    folder = Path(__file__).parent.parent / "fixtures" / "encoder_decoder_top_level_layout"
     assert any(name.startswith("decoder.blocks.") for name in load_file(folder / "model.safetensors"))
     model = ReformerEncoderDecoder.from_pretrained(folder).eval()
     recorded = json.loads((folder / "expected.json").read_text())
