@@ -91,12 +91,12 @@ MUTATIONS = [
         "the self mask barely masks: tokens attend to themselves",
     ),
     Mutation(
-        "key-norm-eps", "attention/lsh.py",
+        "key-norm-eps", "attention/lsh_sort.py",
         "eps: float = 1e-6", "eps: float = 1e-4",
         "key normalisation epsilon 1e-4 instead of 1e-6",
     ),
     Mutation(
-        "key-scale", "attention/lsh.py",
+        "key-scale", "attention/lsh_sort.py",
         "return keys / math.sqrt(qk.shape[-1])", "return keys",
         "keys not divided by sqrt(head_dim)",
     ),
@@ -250,7 +250,7 @@ MUTATIONS = [
     ),
     Mutation(
         "local-rotary-skipped", "attention/local.py",
-        "        q, k = self.rotate(q, k)\n", "",
+        "        q, k = self.rotate(q, k)\n        dropout_p", "        dropout_p",
         "local layers built with rotary positions attend without them",
         ("tests/test_rotary.py",),
     ),
