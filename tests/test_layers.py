@@ -11,6 +11,7 @@ _spec = importlib.util.spec_from_file_location("check_imports", _path)
 check_imports = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_imports)
 
+
 def test_the_package_imports_downwards_only():
     edges = check_imports.graph()
     assert "reformer.tasks.lm" in edges and "reformer.train.loop" in edges

@@ -14,8 +14,7 @@ from reformer import ReformerConfig, ReformerLM, lsh_attention
 from reformer.attention import OwnBucketCache, own_bucket_decode_step
 from reformer.generation import decode_step, prefill, run_settings
 from reformer.hashing import bucket_factors, draw_rotations
-
-from .test_causal_lsh import oracle
+from tests.attention.test_causal_lsh import oracle
 
 # ---- layer level: one step sees what the rule says -------------------------------------------------
 
