@@ -31,17 +31,9 @@ import time
 import torch
 
 from reformer import ReformerConfig, ReformerLM
+from reformer.attention import KVCache, LocalCache, LSHCache, OwnBucketCache
 from reformer.bench import rss_bytes
-from reformer.generation import (
-    GenerationCache,
-    KVCache,
-    LocalCache,
-    LSHCache,
-    OwnBucketCache,
-    decode_step,
-    prefill,
-    run_settings,
-)
+from reformer.generation import GenerationCache, decode_step, prefill, run_settings
 
 MIB = 2**20
 

@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_speed(args: argparse.Namespace) -> None:
     """Seconds per training step of each variant at 4K and 16K, timed side by side in this process."""
-    from reformer.model import ReformerLM
+    from reformer.models import ReformerLM
     from reformer.train import config_from_args, parse_train_args
 
     results = {}
@@ -194,7 +194,7 @@ def bits(nats: torch.Tensor) -> float:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from reformer.model import ReformerLM
+    from reformer.models import ReformerLM
 
     results_path = OUT / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -23,23 +23,31 @@ PACKAGE = "reformer"
 
 # Top first. A module's layer is that of the longest matching prefix.
 LAYERS: list[tuple[str, ...]] = [
-    ("reformer", "reformer.__main__", "reformer.cli"),
+    ("reformer", "reformer.__main__", "reformer.cli", "reformer.generate_command"),
     ("reformer.train", "reformer.bench"),
     ("reformer.tasks",),
     ("reformer.parallel",),
-    ("reformer.model", "reformer.models", "reformer.hf"),
-    ("reformer.generation",),
+    ("reformer.models",),
+    ("reformer.generation", "reformer.hf"),
     (
         "reformer.reversible",
         "reformer.reversible_decoder",
         "reformer.recompute",
+        "reformer.block_decoding",
         "reformer.feedforward",
         "reformer.embeddings",
     ),
     ("reformer.attention",),
     ("reformer.hashing",),
     ("reformer.data",),
-    ("reformer.config", "reformer.files", "reformer.vjp", "reformer.jsonl", "reformer.devices"),
+    (
+        "reformer.config",
+        "reformer.files",
+        "reformer.vjp",
+        "reformer.jsonl",
+        "reformer.devices",
+        "reformer.version",
+    ),
 ]
 
 

@@ -75,6 +75,7 @@ DECODER_TESTS = (
     "tests/models/test_seq2seq.py::test_reversible_matches_plain_residuals",
     "tests/models/test_seq2seq.py::test_memory_gradient_accumulates_over_every_decoder_layer",
 )
+DECODE_STEPS = "tests/attention/test_decode_steps.py"
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,12 @@ MUTATIONS = [
         "the self mask barely masks: tokens attend to themselves",
     ),
     Mutation(
-        "key-norm-eps", "attention/lsh.py",
+        "key-norm-eps", "attention/lsh_sort.py",
         "eps: float = 1e-6", "eps: float = 1e-4",
         "key normalisation epsilon 1e-4 instead of 1e-6",
     ),
     Mutation(
-        "key-scale", "attention/lsh.py",
+        "key-scale", "attention/lsh_sort.py",
         "return keys / math.sqrt(qk.shape[-1])", "return keys",
         "keys not divided by sqrt(head_dim)",
     ),
@@ -282,7 +283,7 @@ MUTATIONS = [
     ),
     Mutation(
         "local-rotary-skipped", "attention/local.py",
-        "        q, k = self.rotate(q, k)\n", "",
+        "        q, k = self.rotate(q, k)\n        dropout_p", "        dropout_p",
         "local layers built with rotary positions attend without them",
         ("tests/attention/test_rotary.py",),
     ),
@@ -576,6 +577,82 @@ MUTATIONS = [
         "return inputs[:, -window - 1 : -1], targets[:, -window:]",
         "the last-window ablation pairs the kept inputs with targets one position off",
         ("tests/tasks/test_long_context_data.py",),
+    ),
+    Mutation(
+        "kv-step-self-hidden", "attention/kv_cache.py",
+        "later = torch.arange(keys.shape[2], device=q.device) > lengths[:, None]",
+        "later = torch.arange(keys.shape[2], device=q.device) >= lengths[:, None]",
+        "a full-attention decode step hides the new token's own key from it",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "kv-step-scale", "attention/kv_cache.py",
+        ".to(acc) / math.sqrt(q.shape[-1])", ".to(acc)",
+        "a full-attention decode step does not scale its scores by 1/sqrt(head_dim)",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "full-step-rotary-position", "attention/full.py",
+        "q, k = self.rotate(q, k, lengths.view(-1, 1))", "q, k = self.rotate(q, k)",
+        "a rotary full-attention decode step rotates the new token to position 0",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "local-step-wrap-count", "attention/local_cache.py",
+        "seen = (chunk + deltas) % (chunk + 1)", "seen = (chunk + deltas).clamp(min=0)",
+        "a local decode step does not wrap the first chunks' look-back (a chunk met twice counts once)",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "local-step-scale", "attention/local_cache.py",
+        "(k / math.sqrt(q.shape[-1])).to(cache.keys.dtype)", "k.to(cache.keys.dtype)",
+        "a local decode step keeps the new key unscaled (the prompt's keys are scaled)",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "lsh-step-rank", "attention/lsh_cache.py",
+        "rank = cache.counts.cumsum(-1).gather(-1, bucket)",
+        "rank = (cache.counts.cumsum(-1) - cache.counts).gather(-1, bucket)",
+        "an LSH decode step sorts the new token before the kept ones of its bucket",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "lsh-step-self-mask", "attention/lsh_cache.py",
+        "scores.masked_fill(is_self, SELF_MASK_VALUE)", "scores.masked_fill(is_self, 0.0)",
+        "an LSH decode step lets the new token attend to its own key",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "own-bucket-step-ring-slot", "attention/own_bucket_cache.py",
+        "slot = bucket * window + count % window", "slot = bucket * window + (count + 1) % window",
+        "an own_bucket decode step evicts the wrong position from a full bucket ring",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "block-step-norm-skipped", "block_decoding.py",
+        "block.attention.step(cache, block.attn_norm(x2), lengths, max_length)",
+        "block.attention.step(cache, x2, lengths, max_length)",
+        "a block's decode step feeds its attention the un-normalised stream",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "decoder-step-ff-input", "block_decoding.py",
+        "return b, a + block.feed_forward(b)", "return b, a + block.feed_forward(a)",
+        "a decoder block's decode step feeds the feed-forward the stream before cross-attention",
+        ("tests/models/test_positions.py::test_seq2seq_cached_decoding_uses_absolute_positions",),
+    ),
+    Mutation(
+        "cross-step-mask-dropped", "attention/cross.py",
+        "key_mask=cache.memory_mask", "key_mask=None",
+        "a cross-attention decode step attends to the source's padding",
+        (DECODE_STEPS,),
+    ),
+    Mutation(
+        "lsh-cross-step-window", "attention/lsh_cross_cache.py",
+        "places = first + torch.arange(self.window, device=q.device)",
+        "places = first + 1 + torch.arange(self.window, device=q.device)",
+        "an LSH cross-attention decode step reads the sorted keys one place late",
+        (DECODE_STEPS,),
     ),
 ]  # fmt: skip
 

@@ -20,8 +20,7 @@ from .models import (
     Seq2SeqConfig,
 )
 from .reversible import ReformerBlock, ReversibleSequence
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "FullSelfAttention",

@@ -65,7 +65,7 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
     """``reformer generate``: stream text sampled from a model folder, with the incremental cache."""
-    from . import generation
+    from . import generate_command
 
     help = "sample text (or images) from a model or run folder, streamed to stdout (cached decoding)"
     description = (
@@ -73,7 +73,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         "a data format; a run's tokenizer; bases; token ids) and the continuation is streamed to stdout\n"
         "as it is produced, a summary line to stderr. Image models: --images N --out grid.png."
     )
-    register(subparsers, "generate", help, description, generation.add_arguments, generation.run)
+    register(subparsers, "generate", help, description, generate_command.add_arguments, generate_command.run)
 
 
 def add_predict(subparsers: argparse._SubParsersAction) -> None:
@@ -114,7 +114,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .model import ReformerLM
+    from .models import ReformerLM
 
     try:
         if args.to_hf:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from .config import ReformerConfig, read_json_object
-from .models import ReformerLM
 
 # Our head kinds -> HF transformers class names.
 HF_CLASSES = {
@@ -265,11 +264,10 @@ def head_settings_to_hf(model: Any) -> dict[str, Any]:
     return {}
 
 
-def from_hf(model_or_dir: Any, model_class: type | None = None):
-    """A ``model_class`` (default :class:`~reformer.ReformerLM`) with the config and weights of the
-    matching HF model (``HF_CLASSES``): the object, or a local folder with ``config.json`` and
-    ``model.safetensors`` / ``pytorch_model.bin``."""
-    model_class = ReformerLM if model_class is None else model_class
+def from_hf(model_or_dir: Any, model_class: type):
+    """A ``model_class`` (e.g. :class:`~reformer.ReformerLM`; ``model_class.from_hf`` calls this) with the
+    config and weights of the matching HF model (``HF_CLASSES``): the object, or a local folder with
+    ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin``."""
     head_kind = model_class.head_kind
     if head_kind not in HF_CLASSES:
         raise ValueError(

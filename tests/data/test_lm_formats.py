@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from reformer.cli import main
 from reformer.data import DATA_FORMAT_FILE, load_codec
-from reformer.model import ReformerLM
+from reformer.models import ReformerLM
 from reformer.train import evaluate_run
 
 # Local layers only: the logits of a plain forward are exactly those the loss is computed from.

@@ -2,18 +2,15 @@ import pytest
 import torch
 
 from reformer import ReformerConfig, ReformerLM, full_attention, local_attention, lsh_attention
-from reformer.generation import (
+from reformer.attention import (
     KVCache,
     LocalCache,
     LSHCache,
-    decode_step,
     full_decode_step,
     local_decode_step,
     lsh_decode_step,
-    prefill,
-    run_settings,
-    sample_next,
 )
+from reformer.generation import decode_step, prefill, run_settings, sample_next
 from reformer.hashing import draw_rotations
 
 

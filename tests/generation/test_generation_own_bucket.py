@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from reformer import ReformerConfig, ReformerLM, lsh_attention
-from reformer.generation import (
-    OwnBucketCache,
-    decode_step,
-    own_bucket_decode_step,
-    prefill,
-    run_settings,
-)
+from reformer.attention import OwnBucketCache, own_bucket_decode_step
+from reformer.generation import decode_step, prefill, run_settings
 from reformer.hashing import bucket_factors, draw_rotations
 from tests.attention.test_causal_lsh import oracle
 

@@ -227,8 +227,7 @@ def test_bfloat16_autocast_with_backward_outside(cross):
 
 @pytest.mark.parametrize("window", [None, 6])
 def test_lsh_cross_decoding_cache_follows_the_rule_for_one_query(window):
-    from reformer.attention import LSHCrossAttention, lsh_cross_attention
-    from reformer.generation.seq2seq import LSHCrossCache
+    from reformer.attention import LSHCrossAttention, LSHCrossCache, lsh_cross_attention
 
     torch.manual_seed(0)
     layer = LSHCrossAttention(16, 24, 2, chunk_size=4, window=window, n_hashes=3, n_buckets=4).double().eval()

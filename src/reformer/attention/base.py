@@ -27,6 +27,11 @@ class SelfAttentionBase(nn.Module):
 
     sequence_group = None  # a torch.distributed process group while sequence parallel
     rotary_base: float | None = None  # set: queries and keys take rotary positions (see rotary.py)
+    fixed_n_buckets: int | tuple[int, ...] | None = None  # a bucket count that decoding must use
+
+    def decode_state(self, n_buckets: int | tuple[int, ...], n_hashes: int | None) -> torch.Tensor | None:
+        """What this layer fixes for a generation run (passed to ``prefill``); None unless hashing."""
+        return None
 
     def __init__(self, d_model: int, n_heads: int, d_head: int | None, dropout: float) -> None:
         super().__init__()

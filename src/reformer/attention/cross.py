@@ -135,6 +135,16 @@ def cross_attention(
     return out.view(batch, lq, heads, v.shape[-1]).transpose(1, 2)
 
 
+@dataclass
+class MemoryCache:
+    """An exact cross-attention layer's encoder side for decoding: keys and values
+    ``(batch, heads, L_enc, head_dim)`` and the memory's ``(batch, L_enc)`` mask (None: all real)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    memory_mask: torch.Tensor | None
+
+
 class CrossAttention(SelfAttentionBase):
     """Decoder-to-encoder attention with its projections.
 
@@ -171,3 +181,15 @@ class CrossAttention(SelfAttentionBase):
         k, v = memory_kv if memory_kv is not None else self.project_memory(memory)
         q = self.split_heads(self.to_q(x))
         return self.output(cross_attention(q, k, v, key_mask=memory_mask))
+
+    def prefill_memory(
+        self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None, n_hashes: int | None = None
+    ) -> MemoryCache:
+        """The decoding cache of ``memory`` ``(batch, L_enc, d_memory)``: its projected keys and values."""
+        return MemoryCache(*self.project_memory(memory), memory_mask)
+
+    def step(self, cache: MemoryCache, x_t: torch.Tensor) -> torch.Tensor:
+        """Queries ``x_t`` ``(batch, L_dec, d_model)`` (one new position when decoding) over the cached
+        memory: ``(batch, L_dec, d_model)``, as :meth:`forward` with that memory."""
+        q = self.split_heads(self.to_q(x_t))
+        return self.output(cross_attention(q, cache.keys, cache.values, key_mask=cache.memory_mask))

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import SelfAttentionBase
+from .decode import Prompt
+from .kv_cache import KVCache, full_decode_step
 from .masks import check_attention_inputs
 
 
@@ -73,3 +75,23 @@ class FullSelfAttention(SelfAttentionBase):
         dropout_p = self.attn_dropout if self.training else 0.0
         out = full_attention(q, k, v, causal=self.causal, attention_mask=attention_mask, dropout_p=dropout_p)
         return self.output(out)
+
+    def prefill(
+        self, x: torch.Tensor, prompt: Prompt, state: None = None
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """Causal eval forward over ``x`` ``(batch, length, d_model)`` and a :class:`KVCache` of every
+        position's keys and values (see :mod:`reformer.attention.decode`)."""
+        q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k = self.rotate(q, k)
+        out = full_attention(q, k, v, causal=True, attention_mask=prompt.attention_mask)
+        cache = KVCache.from_prefix(k, v, prompt.capacity) if prompt.keep_cache else None
+        return self.output(out), cache
+
+    def step(
+        self, cache: KVCache, x_t: torch.Tensor, lengths: torch.Tensor, max_length: int
+    ) -> tuple[torch.Tensor, KVCache]:
+        """``x_t`` ``(batch, 1, d_model)`` at position ``lengths[b]`` of row ``b``: its causal exact attention
+        ``(batch, 1, d_model)`` over the cached positions and itself; the cache keeps it."""
+        q, k, v = (self.split_heads(proj(x_t)) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k = self.rotate(q, k, lengths.view(-1, 1))
+        return self.output(full_decode_step(cache, q, k, v, lengths, max_length)), cache

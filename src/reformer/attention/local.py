@@ -8,6 +8,8 @@ import torch
 
 from .base import SelfAttentionBase
 from .chunked import ChunkPlan, chunk_neighbours, chunked_attention, draw_call_seed, flat_rows
+from .decode import Prompt
+from .local_cache import LocalCache, local_decode_step
 from .masks import check_attention_inputs, pad_to_multiple
 
 
@@ -106,3 +108,29 @@ class LocalSelfAttention(SelfAttentionBase):
             dropout_p=dropout_p, dropout_seed=dropout_seed,
         )  # fmt: skip
         return self.output(out)
+
+    def prefill(
+        self, x: torch.Tensor, prompt: Prompt, state: None = None
+    ) -> tuple[torch.Tensor, LocalCache | None]:
+        """Causal eval forward over ``x`` ``(batch, length, d_model)`` and a :class:`LocalCache` ring of the
+        last window of keys and values (see :mod:`reformer.attention.decode`)."""
+        q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k = self.rotate(q, k)
+        out = local_attention(
+            q, k, v, chunk_size=self.chunk_size, causal=True, attention_mask=prompt.attention_mask,
+            n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
+        )  # fmt: skip
+        cache = None
+        if prompt.keep_cache:
+            scaled = k / math.sqrt(k.shape[-1])
+            cache = LocalCache.from_prefix(scaled, v, prompt.lengths, self.chunk_size, self.n_chunks_before)
+        return self.output(out), cache
+
+    def step(
+        self, cache: LocalCache, x_t: torch.Tensor, lengths: torch.Tensor, max_length: int
+    ) -> tuple[torch.Tensor, LocalCache]:
+        """``x_t`` ``(batch, 1, d_model)`` at position ``lengths[b]`` of row ``b``: its causal local attention
+        ``(batch, 1, d_model)``, wrap-around of the first chunks included; the ring keeps it."""
+        q, k, v = (self.split_heads(proj(x_t)) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k = self.rotate(q, k, lengths.view(-1, 1))
+        return self.output(local_decode_step(cache, q, k, v, lengths)), cache

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 
 import torch
 
 from ..config import default_key_rule, validate_key_rule, validate_n_buckets
-from ..hashing import (
-    auto_bucket_factors,
-    auto_hash_width,
-    auto_n_buckets,
-    bucket_factors,
-    draw_column_rotations,
-    draw_rotations,
-    hash_vectors,
-    hash_vectors_per_row,
-    sort_by_bucket,
-    total_buckets,
-)
+from ..hashing import auto_n_buckets, draw_rotations
 from .base import SelfAttentionBase
 from .chunked import (
     ChunkPlan,
@@ -30,7 +18,11 @@ from .chunked import (
     flat_rows,
     unwrapped_slots,
 )
+from .decode import Prompt
+from .lsh_cache import LSHCache, lsh_decode_step
+from .lsh_sort import lsh_sort_indices, normalize_keys, sort_indices_by_own_length
 from .masks import check_attention_inputs, pad_to_multiple
+from .own_bucket_cache import OwnBucketCache, own_bucket_decode_step
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -48,55 +40,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
         require_triton()
     return backend
-
-
-def normalize_keys(qk: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Shared-QK keys: unit RMS over the head dimension, then divided by sqrt(head_dim) (trax/HF)."""
-    keys = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + eps)
-    return keys / math.sqrt(qk.shape[-1])
-
-
-def lsh_sort_indices(
-    qk: torch.Tensor,
-    *,
-    n_hashes: int,
-    n_buckets: int | tuple[int, ...],
-    key_padding_mask: torch.Tensor | None = None,
-    rotations: torch.Tensor | None = None,
-    seed: int | None = None,
-    fused: bool = False,
-    return_buckets: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Hash ``qk`` and sort every round by (bucket, position).
-
-    Args:
-        qk: ``(batch, heads, length, head_dim)``.
-        key_padding_mask: ``(batch, length)`` bool, True for real tokens; padding sorts last.
-        rotations: ``(heads, head_dim, n_hashes, sum(factors) // 2)``; drawn (from ``seed`` if given)
-            when None.
-        fused: hash with the Triton kernel (argmax in the matmul's epilogue) where it applies.
-        return_buckets: also return the bucket of every sorted entry (padding: ``prod(factors)``).
-
-    Returns:
-        ``(batch, heads, n_hashes, length)`` int64 positions (and the sorted buckets, same shape).
-    """
-    _, heads, _, head_dim = qk.shape
-    if rotations is None:
-        rotations = draw_rotations(heads, head_dim, n_hashes, n_buckets, seed=seed, device=qk.device)
-    if fused:
-        from . import triton_lsh
-
-        if len(bucket_factors(n_buckets)) <= triton_lsh.MAX_FACTORS:
-            return triton_lsh.hash_sort_indices(
-                qk.detach(), rotations, n_buckets, key_padding_mask, return_buckets=return_buckets
-            )
-    buckets = hash_vectors(qk.detach(), rotations, n_buckets)
-    indices = sort_by_bucket(buckets, key_padding_mask)
-    if not return_buckets:
-        return indices
-    if key_padding_mask is not None:
-        buckets = buckets.masked_fill(~key_padding_mask[:, None, None, :], total_buckets(n_buckets))
-    return indices, buckets.gather(-1, indices)
 
 
 def lsh_attention(
@@ -206,7 +149,7 @@ def lsh_attention(
         fused = backend == "triton"
         want_buckets = own_bucket or return_sorted_buckets
         if n_buckets is None and rotations is None:
-            sort_indices, sorted_buckets = _sort_indices_by_own_length(
+            sort_indices, sorted_buckets = sort_indices_by_own_length(
                 qk_p, key_valid, user_valid, bucket_size, n_hashes, hash_seed, fused, want_buckets
             )
         else:
@@ -266,42 +209,6 @@ def lsh_attention(
 def _with_extras(out, sort_indices, sorted_buckets, return_sort_indices, return_sorted_buckets):
     extras = (sort_indices,) * return_sort_indices + (sorted_buckets,) * return_sorted_buckets
     return (out, *extras) if extras else out
-
-
-def _sort_indices_by_own_length(
-    qk_p, key_valid, user_valid, bucket_size, n_hashes, seed, fused, want_buckets
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sort indices ``(batch, heads, n_hashes, padded)`` (and sorted buckets if ``want_buckets``) with
-    every row hashed into the automatic bucket count of its own real length, so padding never changes
-    a row's buckets.
-
-    The rotations' column ``j`` comes from its own seed (:func:`draw_column_rotations`), so a row uses
-    the same columns whatever the batch draws. Without ``user_valid`` every row has the count of the
-    padded length (the Triton hash applies when ``fused``); with it, all rows are hashed in one pass over
-    the widest count a row of this length can have (:func:`hash_vectors_per_row`, PyTorch on every
-    backend), with no host sync.
-    """
-    batch, heads, padded, head_dim = qk_p.shape
-    if user_valid is None:
-        n_buckets = auto_n_buckets(padded, bucket_size)
-        width = sum(bucket_factors(n_buckets)) // 2
-        rotations = draw_column_rotations(heads, head_dim, n_hashes, width, seed=seed, device=qk_p.device)
-        sorted_ = lsh_sort_indices(
-            qk_p, n_hashes=n_hashes, n_buckets=n_buckets, key_padding_mask=key_valid, rotations=rotations,
-            fused=fused, return_buckets=want_buckets,
-        )  # fmt: skip
-        return sorted_ if isinstance(sorted_, tuple) else (sorted_, None)
-    width = auto_hash_width(padded, bucket_size)
-    rotations = draw_column_rotations(heads, head_dim, n_hashes, width, seed=seed, device=qk_p.device)
-    f1, f2 = auto_bucket_factors(user_valid.sum(-1), bucket_size)
-    factorised = isinstance(auto_n_buckets(padded, bucket_size), tuple)  # else every f2 is 1
-    buckets = hash_vectors_per_row(qk_p.detach(), rotations, (f1, f2) if factorised else (f1,))
-    sort_indices = sort_by_bucket(buckets, key_valid)
-    if not want_buckets:
-        return sort_indices, None
-    padding_bucket = (f1 * f2).view(batch, 1, 1, 1)
-    buckets = torch.where(key_valid[:, None, None, :], buckets, padding_bucket)
-    return sort_indices, buckets.gather(-1, sort_indices)
 
 
 def _single_chunk_plan(batch, heads, length, key_valid, causal, self_mask, device) -> ChunkPlan:
@@ -406,3 +313,55 @@ class LSHSelfAttention(SelfAttentionBase):
         if own_bucket:
             replay["sorted_buckets"] = sorted_buckets[0].to(torch.int32)  # kept per layer until backward
         return self.output(out)
+
+    @property
+    def fixed_n_buckets(self) -> int | tuple[int, ...] | None:
+        """The bucket count decoding must use: the layer's own under ``own_bucket``, else None (free)."""
+        return self.n_buckets if self.key_rule == "own_bucket" else None
+
+    def decode_state(self, n_buckets: int | tuple[int, ...], n_hashes: int | None) -> torch.Tensor:
+        """The run's rotations ``(heads, head_dim, rounds, sum(factors) // 2)``, from the layer's fixed or
+        eval seed (``n_hashes`` rounds, default the layer's)."""
+        seed = self.hash_seed if self.hash_seed is not None else self.eval_hash_seed
+        device = self.to_qk.weight.device
+        rounds = n_hashes or self.n_hashes
+        return draw_rotations(self.n_heads, self.d_head, rounds, n_buckets, seed=seed, device=device)
+
+    def prefill(
+        self, x: torch.Tensor, prompt: Prompt, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LSHCache | OwnBucketCache | None]:
+        """Causal eval forward over ``x`` ``(batch, length, d_model)`` with the run's bucket count
+        (``prompt.n_buckets``; under ``own_bucket`` the layer's) and rotations ``state`` (default
+        :meth:`decode_state`), and the cache of the key rule (see :mod:`reformer.attention.decode`)."""
+        qk, v = self.split_heads(self.to_qk(x)), self.split_heads(self.to_v(x))
+        own_bucket = self.key_rule == "own_bucket"
+        n_buckets = self.n_buckets if own_bucket else prompt.n_buckets
+        if n_buckets is None:
+            raise ValueError("prefill of an LSH layer under key_rule='chunks' needs prompt.n_buckets")
+        rotations = self.decode_state(n_buckets, None) if state is None else state
+        out = lsh_attention(
+            qk, v, bucket_size=self.bucket_size, n_hashes=rotations.shape[2], n_buckets=n_buckets,
+            causal=True, attention_mask=prompt.attention_mask, n_chunks_before=self.n_chunks_before,
+            n_chunks_after=self.n_chunks_after, rotations=rotations, key_rule=self.key_rule,
+        )  # fmt: skip
+        cache = None
+        if prompt.keep_cache and own_bucket:
+            window = self.n_chunks_before * self.bucket_size
+            cache = OwnBucketCache.from_prefix(
+                qk, v, prompt.lengths, rotations, n_buckets, window, prompt.capacity
+            )
+        elif prompt.keep_cache:
+            cache = LSHCache.from_prefix(
+                qk, v, prompt.lengths, rotations, n_buckets, self.bucket_size, self.n_chunks_before,
+                self.n_chunks_after, prompt.capacity, prompt.hf_hashed, prompt.hf_padded,
+            )  # fmt: skip
+        return self.output(out), cache
+
+    def step(
+        self, cache: LSHCache | OwnBucketCache, x_t: torch.Tensor, lengths: torch.Tensor, max_length: int
+    ) -> tuple[torch.Tensor, LSHCache | OwnBucketCache]:
+        """``x_t`` ``(batch, 1, d_model)`` at position ``lengths[b]`` of row ``b``: its causal LSH attention
+        ``(batch, 1, d_model)`` over the keys the key rule gives it; the cache keeps it."""
+        qk, v = self.split_heads(self.to_qk(x_t)), self.split_heads(self.to_v(x_t))
+        attend = own_bucket_decode_step if self.key_rule == "own_bucket" else lsh_decode_step
+        return self.output(attend(cache, qk, v, lengths, max_length)), cache

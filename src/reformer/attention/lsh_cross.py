@@ -36,6 +36,7 @@ from ..hashing import auto_n_buckets, draw_rotations, hash_vectors, total_bucket
 from .blocked import HIDDEN, blocked_attention, register_plan
 from .chunked import draw_call_seed
 from .cross import CrossAttention, check_cross_inputs
+from .lsh_cross_cache import LSHCrossCache
 
 # Scores held at once: (chunks in a block) x chunk_size x window.
 BLOCK_SCORES = 2**21
@@ -245,3 +246,15 @@ class LSHCrossAttention(CrossAttention):
             plan=replay.get("cross_plan"), return_plan=True,
         )  # fmt: skip
         return self.output(out)
+
+    def prefill_memory(
+        self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None, n_hashes: int | None = None
+    ) -> LSHCrossCache:
+        """The decoding cache of ``memory`` ``(batch, L_enc, d_memory)``: keys and values sorted by bucket in
+        every round (eval or fixed seed, ``n_hashes`` rounds, default the layer's)."""
+        return LSHCrossCache.build(self, memory, memory_mask, n_hashes)
+
+    def step(self, cache: LSHCrossCache, x_t: torch.Tensor) -> torch.Tensor:
+        """One query per row, ``x_t`` ``(batch, 1, d_model)``: its attention ``(batch, 1, d_model)`` by the
+        rule of :func:`lsh_cross_attention` for a query chunk holding only itself."""
+        return self.output(cache.attend(self.split_heads(self.to_q(x_t))))

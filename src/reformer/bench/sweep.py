@@ -89,7 +89,7 @@ def device_name(device: str) -> str:
 
 
 def environment(device: str, threads: int) -> dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "device": device,

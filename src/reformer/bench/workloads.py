@@ -91,13 +91,15 @@ def model_configs(lengths: Iterable[int], layers: Iterable[int], **common: Any) 
 
 def build_step(cfg: BenchConfig) -> Callable[[], None]:
     """Build the module and inputs of ``cfg``; return one forward+backward step (gradients cleared)."""
-    import reformer
+    from ..attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention
+    from ..config import ReformerConfig
+    from ..models import ReformerLM
 
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     gen = torch.Generator().manual_seed(INPUT_SEED)
     torch.manual_seed(0)
     if cfg.kind == "model":
-        config = reformer.ReformerConfig(
+        config = ReformerConfig(
             vocab_size=VOCAB,
             d_model=D_MODEL,
             n_heads=N_HEADS,
@@ -108,7 +110,7 @@ def build_step(cfg: BenchConfig) -> Callable[[], None]:
             max_seq_len=cfg.length,
             reversible=bool(cfg.reversible),
         )
-        model = reformer.ReformerLM(config).to(device=device, dtype=dtype).train()
+        model = ReformerLM(config).to(device=device, dtype=dtype).train()
         ids = torch.randint(0, VOCAB, (cfg.batch, cfg.length), generator=gen).to(device)
         grads: list[torch.Tensor] = list(model.parameters())
 
@@ -117,7 +119,7 @@ def build_step(cfg: BenchConfig) -> Callable[[], None]:
 
     else:
         if cfg.kind == "lsh":
-            layer: torch.nn.Module = reformer.LSHSelfAttention(
+            layer: torch.nn.Module = LSHSelfAttention(
                 d_model=D_MODEL,
                 n_heads=N_HEADS,
                 bucket_size=BUCKET,
@@ -126,9 +128,9 @@ def build_step(cfg: BenchConfig) -> Callable[[], None]:
                 key_rule="chunks",  # the automatic bucket count of each length, as HF's layer
             )
         elif cfg.kind == "local":
-            layer = reformer.LocalSelfAttention(D_MODEL, N_HEADS, chunk_size=LOCAL_CHUNK, causal=True)
+            layer = LocalSelfAttention(D_MODEL, N_HEADS, chunk_size=LOCAL_CHUNK, causal=True)
         elif cfg.kind == "full":
-            layer = reformer.FullSelfAttention(D_MODEL, N_HEADS, causal=True)
+            layer = FullSelfAttention(D_MODEL, N_HEADS, causal=True)
         else:
             raise ValueError(f"unknown kind {cfg.kind!r}; use lsh, local, full or model")
         layer = layer.to(device=device, dtype=dtype).train()

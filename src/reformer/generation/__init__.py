@@ -1,9 +1,13 @@
-"""Autoregressive generation with per-layer caches, sampling, and the ``reformer generate`` command.
+"""Autoregressive generation: the run's settings, prompt prefill and the token-by-token loop over the
+model's own blocks, sampling and stopping. It sits below the models: :class:`GenerationMixin` gives
+:class:`~reformer.ReformerLM` its ``generate``, and nothing here imports a model class.
 
-Modules: one per cache kind with its decode step (``lsh_cache``, ``own_bucket_cache``, ``local_cache``,
-``kv_cache``, on the shared ``buffers``), ``decoding`` (the run's LSH settings, prefill and the
-model-level decode step), ``sampling``, ``streaming`` (:func:`stream`, :func:`generate`) and ``command``
-(``reformer generate``).
+Modules: ``decoding`` (the run's LSH settings, prefill and the model-level decode step, which drive
+:mod:`reformer.block_decoding`), ``sampling``, ``stopping``, ``streaming`` (:func:`stream`,
+:func:`generate`), ``mixin`` (:class:`GenerationMixin`), ``images`` (whole images from image models)
+and ``seq2seq`` (encoder-decoder decoding). Each attention kind's cache and decode step live with the
+kind in :mod:`reformer.attention` (:mod:`reformer.attention.decode` describes the protocol); the
+``reformer generate`` command is :mod:`reformer.generate_command`.
 
 Semantics (docs/generation.md has the long form). A generation run fixes the LSH bucket count (the
 config's, or the automatic count for the run's final length; under ``own_bucket`` the layers' fixed
@@ -41,31 +45,18 @@ HF's cached LSH step gathers other keys than the chunked computation once the se
 HF's tokens.
 """
 
-from .command import add_arguments, run
 from .decoding import GenerationCache, RunSettings, decode_step, prefill, run_settings
-from .kv_cache import KVCache, full_decode_step
-from .local_cache import LocalCache, local_decode_step
-from .lsh_cache import LSHCache, lsh_decode_step
-from .own_bucket_cache import OwnBucketCache, own_bucket_decode_step
+from .mixin import GenerationMixin
 from .sampling import sample_next
 from .streaming import generate, stream
 
 __all__ = [
     "GenerationCache",
-    "KVCache",
-    "LSHCache",
-    "LocalCache",
-    "OwnBucketCache",
+    "GenerationMixin",
     "RunSettings",
-    "add_arguments",
     "decode_step",
-    "full_decode_step",
     "generate",
-    "local_decode_step",
-    "lsh_decode_step",
-    "own_bucket_decode_step",
     "prefill",
-    "run",
     "run_settings",
     "sample_next",
     "stream",

@@ -25,7 +25,7 @@ def sample_images(
     rows: int = 0,
     n_hashes: int | None = None,
 ) -> np.ndarray:
-    """``n`` images ``(n, size, size, 3)`` uint8 from ``model`` (a :class:`~reformer.model.ReformerLM`).
+    """``n`` images ``(n, size, size, 3)`` uint8 from ``model`` (a :class:`~reformer.ReformerLM`).
     ``prompt`` ``(size, size, 3)`` uint8 with ``rows`` > 0: every image starts with the prompt's top
     ``rows`` rows and the model completes the rest."""
     length = 3 * size * size

@@ -4,16 +4,13 @@ recomputing the context, with per-row prompt lengths."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .decoding import decode_step, prefill, run_settings
 from .sampling import apply_repetition_penalty, check_sampling, sample_next
 from .stopping import Stopping
-
-if TYPE_CHECKING:
-    from ..model import ReformerLM
 
 
 def _compact(
@@ -38,7 +35,7 @@ def _compact(
 
 @torch.no_grad()
 def stream(
-    model: ReformerLM,
+    model: nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -139,12 +136,11 @@ def stream(
 
 
 @torch.no_grad()
-def generate(
-    model: ReformerLM, input_ids: torch.Tensor, max_new_tokens: int = 100, **options
-) -> torch.Tensor:
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 100, **options) -> torch.Tensor:
     """``input_ids`` ``(batch, length)`` followed by the sampled ids: ``(batch, length + n)`` in
     ``input_ids``'s dtype, ``n = max_new_tokens`` unless every row finished earlier (``eos_token_id``,
-    ``stop``). ``options`` are :func:`stream`'s; see :meth:`reformer.ReformerLM.generate`."""
+    ``stop``). ``options`` are :func:`stream`'s; see
+    :meth:`~reformer.generation.mixin.GenerationMixin.generate`."""
     new = list(stream(model, input_ids, max_new_tokens, **options))
     if not new:
         return input_ids.clone()

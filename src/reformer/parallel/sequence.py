@@ -1,4 +1,4 @@
-"""Sequence parallelism for :class:`~reformer.model.ReformerLM` (DeepSpeed-Ulysses style).
+"""Sequence parallelism for :class:`~reformer.ReformerLM` (DeepSpeed-Ulysses style).
 
 The ``P`` ranks of a sequence group each hold ``L / P`` consecutive tokens of every activation: the
 embeddings (with global positions), layer norms, feed-forward layers and the chunked loss run on the local

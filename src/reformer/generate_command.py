@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..data import DATA_FORMAT_FILE, load_codec
-from ..data.images import centre_square, read_image, save_grid
-from ..devices import default_device
-from ..model import ReformerLM
-from .streaming import stream
+from .data import DATA_FORMAT_FILE, load_codec
+from .data.images import centre_square, read_image, save_grid
+from .devices import default_device
+from .generation.streaming import stream
+from .models import ReformerEncoderDecoder, ReformerLM
 
 # Token ids of HF's enwik8 checkpoints are byte + 2 (0 is padding); ours are plain bytes.
 ENWIK8_VOCAB, ENWIK8_OFFSET = 258, 2
@@ -74,8 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     args.device = str(default_device(args.device))
     if args.source is not None or args.source_file is not None:
-        from .seq2seq import run_source
-
         return run_source(args, parser)
     if args.images is None and (args.out is not None or args.complete is not None):
         parser.error("--out and --complete go with --images N")
@@ -132,7 +130,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _images(args, parser, model, codec, generator) -> int:
     """``--images N --out grid.png``: whole images sampled from an image model, as one PNG grid."""
-    from .images import sample_images
+    from .generation.images import sample_images
 
     if codec.format != "images":
         parser.error(
@@ -154,4 +152,43 @@ def _images(args, parser, model, codec, generator) -> int:
         f"wrote {args.out}: {args.images} images of {codec.size}x{codec.size} in {elapsed:.1f} s",
         file=sys.stderr,
     )
+    return 0
+
+
+def run_source(args, parser) -> int:
+    """``reformer generate DIR --source TEXT|--source-file F`` for an encoder-decoder byte model (source
+    and target ids are bytes): prints the decoded target."""
+    try:
+        model = ReformerEncoderDecoder.from_pretrained(args.checkpoint, map_location=args.device)
+        data = args.source.encode("utf-8") if args.source is not None else args.source_file.read_bytes()
+    except (FileNotFoundError, ValueError, OSError) as err:
+        parser.error(f"{err} (--source needs a model saved by ReformerEncoderDecoder)")
+    if not data:
+        parser.error("the source is empty; give at least one byte")
+    if model.config.encoder.vocab_size < 256 or model.config.decoder.vocab_size < 256:
+        parser.error(
+            f"this model's vocabularies ({model.config.encoder.vocab_size} / "
+            f"{model.config.decoder.vocab_size} ids) are not bytes; call model.generate(source_ids) "
+            "from Python"
+        )
+    ids = torch.tensor([list(data)], dtype=torch.long, device=args.device)
+    limit = model.config.decoder.max_seq_len
+    if args.max_new_tokens > limit:
+        print(
+            f"[--max-new-tokens {args.max_new_tokens} > the decoder's max_seq_len: {limit}]", file=sys.stderr
+        )
+    generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        out = model.generate(
+            ids, max_new_tokens=min(args.max_new_tokens, limit), temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, generator=generator, use_cache=not args.no_cache,
+            n_hashes=args.n_hashes,
+        )  # fmt: skip
+    except ValueError as err:
+        parser.error(str(err))
+    values = [int(i) for i in out[0] if int(i) < 256]
+    print(bytes(values).decode("utf-8", errors="replace"))
+    elapsed = time.perf_counter() - start
+    print(f"[{out.shape[1]} tokens in {elapsed:.2f} s, source {len(data)} bytes]", file=sys.stderr)
     return 0

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.chunked import SELF_MASK_VALUE
-from ..attention.lsh import normalize_keys
 from ..hashing import hash_vectors, sort_by_bucket, total_buckets
-from .buffers import grow, preallocate, write_at
+from .cache_buffers import grow, preallocate, write_at
+from .chunked import SELF_MASK_VALUE
+from .lsh_sort import normalize_keys
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffers import grow, preallocate, write_at
+from .cache_buffers import grow, preallocate, write_at
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffers import write_at
+from .cache_buffers import write_at
 
 
 @dataclass
