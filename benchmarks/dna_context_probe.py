@@ -11,6 +11,8 @@ The repeat is a later copy ``[start, end)`` whose earlier copy lies ``offset`` b
 ``benchmarks/dna_repeats.py`` lists them (by default the longest direct repeat whose earlier copy is
 16K-64K bases back). Each context length ``C`` gives one forward pass over the ``C`` bases before the
 region and the region itself; only the region's bases are scored (bits per base, the forward strand).
+Where the context reaches the earlier copy, the repeat is scored again with the earlier copy's bases
+shuffled in place (same composition, nothing to copy): the gain that the copy itself brings.
 The model must take inputs longer than it was trained on (rotary or no positions); its ``max_seq_len``
 is raised for the probe, which changes no parameter.
 """
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--data", help="a FASTA file, its first record (default: E. coli K-12 W3110)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384, 65536])
     parser.add_argument("--repeat", type=int, nargs=2, metavar=("START", "END"), help="the later copy")
+    parser.add_argument("--offset", type=int, help="with --repeat: how far before it the earlier copy starts")
     parser.add_argument("--control", type=int, metavar="START", help="the control region's start")
     parser.add_argument("--n-hashes", type=int, help="LSH rounds (default: as trained)")
     args = parser.parse_args()
@@ -93,9 +96,9 @@ def main() -> None:
     if args.repeat is None or args.control is None:
         target, control = default_regions(bases, longest)
         start, end = target.start, target.end
-        about = f"earlier copy {target.offset:,} bases before"
+        offset = target.offset
     if args.repeat is not None:
-        (start, end), about = args.repeat, "given"
+        (start, end), offset = args.repeat, args.offset
     if args.control is not None:
         control = args.control
     _, _, model = load_run(args.run, "cpu")
@@ -104,16 +107,29 @@ def main() -> None:
             f"{args.run} has {model.config.position_embedding} positions; the probe needs rotary or none"
         )
     model.config.max_seq_len = max(model.config.max_seq_len, longest + end - start + 1)
+    length = end - start
+    earlier = f"earlier copy {offset:,} bases before" if offset else "earlier copy not given"
     print(
-        f"{name}: repeat {start:,}-{end:,} ({end - start:,} bases, {about}); "
-        f"control {control:,}-{control + end - start:,}"
+        f"{name}: repeat {start:,}-{end:,} ({length:,} bases, {earlier}); "
+        f"control {control:,}-{control + length:,}"
     )
-    print("| context (bases) | repeat: bits/base | control: bits/base |")
-    print("|---|---|---|")
+    # The ablation: the earlier copy's bases shuffled in place (same composition, no copy to look up).
+    shuffled = np.array(bases, copy=True)
+    if offset:
+        source = start - offset
+        shuffled[source : source + length] = np.random.default_rng(0).permutation(
+            shuffled[source : source + length]
+        )
+    print("| context (bases) | repeat: bits/base | repeat, earlier copy shuffled | control: bits/base |")
+    print("|---|---|---|---|")
     for context in args.contexts:
         repeat = region_bits(model, bases, start, end, context, args.n_hashes)
-        plain = region_bits(model, bases, control, control + end - start, context, args.n_hashes)
-        print(f"| {context:,} | {repeat:.3f} | {plain:.3f} |", flush=True)
+        plain = region_bits(model, bases, control, control + length, context, args.n_hashes)
+        reaches = offset and context >= offset
+        ablated = (
+            f"{region_bits(model, shuffled, start, end, context, args.n_hashes):.3f}" if reaches else "-"
+        )
+        print(f"| {context:,} | {repeat:.3f} | {ablated} | {plain:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
