@@ -1,32 +1,52 @@
-"""Reversible residual layers (Reformer paper, section 3; Gomez et al. 2017).
+"""Reversible residual layers (Reformer paper, section 3; Gomez et al. 2017): one engine for the
+encoder's and the decoder's stacks.
 
-``y1 = x1 + Attention(LayerNorm(x2))``, ``y2 = x2 + FeedForward(y1)``. The backward pass rebuilds each
-layer's inputs from its outputs (``x2 = y2 - FeedForward(y1)``, ``x1 = y1 - Attention(LayerNorm(x2))``),
-so only the last layer's output is kept and activation memory does not grow with depth. Dropout masks
-are replayed by restoring the default generators' state, hash buckets through the attention's
-``replay`` record, and the autocast state of the forward pass is re-entered (``loss.backward()`` usually
-runs outside ``torch.autocast``; rebuilding a bfloat16 layer in float32 would subtract the wrong output).
+A layer is a sequence of half-steps on the stream pair ``(a, b)``, each ``(a, b) -> (b, a + f(b))``
+where ``f`` norms its own input. :class:`ReformerBlock` has two (attention, feed-forward): from
+``(x1, x2)`` it makes ``y1 = x1 + Attention(LayerNorm(x2))``, ``y2 = x2 + FeedForward(y1)``. The decoder's
+block (:class:`~reformer.reversible_decoder.DecoderBlock`) has three: self-attention, cross-attention to
+the encoder output ``memory``, feed-forward.
+
+The backward pass rebuilds each half-step's input from its output (``a = (a + f(b)) - f(b)``), so only
+the last layer's output is kept and activation memory does not grow with depth. The feed-forward's
+recomputation and backward run ``ff_chunk_size`` positions at a time (the ``d_ff``-wide activations are
+never whole), every parameter gradient accumulates in one flat buffer, and ``memory``'s gradient (the
+sum of every cross-attention step's) in another. Dropout masks, hash buckets and the autocast state of
+the forward pass are replayed through :mod:`reformer.recompute`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .feedforward import FeedForward
+from .recompute import (
+    TRIM_EVERY_LAYERS,
+    AutocastState,
+    RngState,
+    SortIndexStore,
+    eager_under_compile,
+    maybe_restored,
+    release_free_heap,
+)
 from .vjp import vjp
+
+FEED_FORWARD = "ff"  # the half-step kind run through FeedForward.vjp_in_chunks in the backward pass
 
 
 class ReformerBlock(nn.Module):
     """One layer: pre-LayerNorm attention ``f`` and feed-forward ``g`` (which norms its own input).
 
+    As two half-steps of :class:`ReversibleSequence` (``steps``): ``(x1, x2) -> (x2, y1) -> (y1, y2)``.
     Shapes: ``x1, x2`` ``(batch, length, d_model)`` -> ``y1, y2`` of the same shape.
     """
+
+    steps = ("attention", FEED_FORWARD)
+    memory_steps: tuple[str, ...] = ()  # the steps that read the encoder output (none here)
 
     def __init__(self, attention: nn.Module, feed_forward: FeedForward, d_model: int, eps: float) -> None:
         super().__init__()
@@ -42,254 +62,159 @@ class ReformerBlock(nn.Module):
         y2 = x2 + self.feed_forward(y1)
         return y1, y2
 
+    def step(
+        self, kind: str, b: torch.Tensor, memory: torch.Tensor | None, ctx: dict, replay: dict | None
+    ) -> torch.Tensor:
+        """``f(b)`` ``(batch, length, d_model)`` of half-step ``kind``; ``ctx`` holds ``attention_mask``
+        and ``n_hashes``; ``memory`` is unused."""
+        if kind == FEED_FORWARD:
+            return self.feed_forward(b)
+        return self.attend(b, ctx.get("attention_mask"), ctx.get("n_hashes"), replay)
+
+    def step_params(self, kind: str) -> list[nn.Parameter]:
+        """The parameters of half-step ``kind`` that require grad (for the feed-forward in the order of
+        :meth:`FeedForward.vjp_in_chunks`)."""
+        if kind == FEED_FORWARD:
+            return [p for p in self.feed_forward.parameters() if p.requires_grad]
+        return self.attention_params()
+
     def attention_params(self) -> list[nn.Parameter]:
         return [p for p in (*self.attn_norm.parameters(), *self.attention.parameters()) if p.requires_grad]
 
 
-def _load_malloc_trim():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-# Trimming returns freed pages to the OS, which must fault them in again: every second layer (and once
-# after the forward pass) bounds the heap's growth at a cost of about 4% of the step time (every layer:
-# 8%; every fourth: 2%, but 12 layers then peaked at up to 1.27x the memory of 2).
-TRIM_EVERY_LAYERS = 2
-
-
-def release_free_heap() -> None:
-    """Give the pages of freed CPU memory back to the OS (glibc's ``malloc_trim``; no-op elsewhere).
-
-    Called between layers of the reversible backward: each layer frees all its temporaries, and
-    without this the allocator keeps them resident in a heap that fragments a little more with every
-    layer, so the process's resident memory would grow with depth although live memory does not.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-class _RngState:
-    """The default CPU generator's state and, for CUDA inputs, that device's generator state."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    @contextmanager
-    def restored(self):
-        devices = [self.device] if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
-
-
-class AutocastState:
-    """The autocast settings of the CPU and of the CUDA device at forward time (as torch.utils.checkpoint
-    records them), to be re-entered for the recomputation."""
-
-    def __init__(self) -> None:
-        cache = torch.is_autocast_cache_enabled()
-        self.kwargs = {
-            device: {
-                "enabled": torch.is_autocast_enabled(device),
-                "dtype": torch.get_autocast_dtype(device),
-                "cache_enabled": cache,
-            }
-            for device in ("cpu", "cuda")
-            if torch.amp.is_autocast_available(device)
-        }
-
-    @contextmanager
-    def entered(self):
-        with ExitStack() as stack:
-            for device, kwargs in self.kwargs.items():
-                stack.enter_context(torch.autocast(device, **kwargs))
-            yield
-
-
-class _SortIndexStore:
-    """One int32 buffer for the sort indices of every layer, allocated at the first LSH layer.
-
-    Layer-sized allocations that outlive the layer, made one per layer between its large
-    temporaries, would fragment the CPU heap (its resident size would then grow with depth).
-    """
-
-    def __init__(self, n_layers: int) -> None:
-        self.n_layers, self.buffer, self.used = n_layers, None, 0
-
-    def keep(self, replay: dict) -> None:
-        indices = replay.get("sort_indices")
-        if indices is None or indices.numel() >= 2**31:
-            return
-        if self.buffer is None:
-            self.buffer = torch.empty(
-                (self.n_layers, *indices.shape), dtype=torch.int32, device=indices.device
-            )
-        if self.buffer.shape[1:] != indices.shape or self.used == self.n_layers:
-            return  # a layer with other settings: keep its own tensor
-        slot = self.buffer[self.used]
-        slot.copy_(indices)
-        replay["sort_indices"] = slot
-        self.used += 1
-
-
-def _eager_under_compile(fn):
-    """``fn``, run eagerly when torch.compile traces it (one graph break) and unchanged otherwise.
-
-    The reversible stack is one opaque region for torch.compile: its autograd.Function takes modules,
-    saves and restores generator states and replays buckets, which dynamo cannot trace; the layers inside
-    it then run compiled code (``compiled=True``). (Without gradients, and in eval mode while compiling,
-    the stack is a plain loop and compiles whole.) ``torch.compiler.disable`` is applied only while
-    compiling, since it imports torch._dynamo, which would slow down ``import reformer``.
-    """
-
-    @functools.wraps(fn)
-    def run(*args):
-        if torch.compiler.is_compiling():
-            return torch.compiler.disable(fn)(*args)
-        return fn(*args)
-
-    return run
-
-
-def _attend(block: ReformerBlock, x2, attention_mask, n_hashes, replay) -> torch.Tensor:
-    return block.attend(x2, attention_mask, n_hashes, replay)
+def _step(block: nn.Module, kind: str, b, memory, ctx: dict, replay: dict | None) -> torch.Tensor:
+    return block.step(kind, b, memory, ctx, replay)
 
 
 @functools.cache
-def _compiled_attend():
-    """:func:`_attend` through torch.compile: one compiled function for every block (their parameters are
+def _compiled_step():
+    """:func:`_step` through torch.compile: one compiled function for every block (their parameters are
     inputs, not constants). The feed-forward stays eager: its compiled backward was slower on CPU."""
-    return torch.compile(_attend)
+    return torch.compile(_step)
 
 
 class _ReversibleFunction(torch.autograd.Function):
-    """Runs every block forward without storing activations; rebuilds them in backward. With ``compiled``
-    (the stack is inside a torch.compile'd model) each block's attention runs through compiled code.
+    """Runs every half-step forward without storing activations; rebuilds them in backward. With
+    ``compiled`` (the stack is inside a torch.compile'd model) the attention steps run compiled code.
 
-    Block parameters are explicit inputs and their gradients explicit outputs (no side effects on
-    ``.grad``), so autograd hooks such as DistributedDataParallel's see them as usual.
+    Block parameters and ``memory`` are explicit inputs and their gradients explicit outputs (no side
+    effects on ``.grad``), so autograd hooks such as DistributedDataParallel's see them as usual.
     """
 
     @staticmethod
-    def forward(ctx, x1, x2, attention_mask, n_hashes, blocks, keep_rng, compiled, *params):
-        replays, rng_states = [], []
-        attend = _compiled_attend() if compiled else _attend
+    def forward(ctx, a, b, memory, step_ctx, blocks, keep_rng, compiled, *params):
+        records = []
+        attend = _compiled_step() if compiled else _step
         with torch.no_grad():
-            # Two buffers updated in place, layer after layer: few large allocations, so the CPU heap
+            # Two buffers updated in place, step after step: few large allocations, so the CPU heap
             # does not fragment (its resident size would otherwise grow with depth).
-            x1, x2 = x1.clone(), x2.clone()
-            store = _SortIndexStore(len(blocks))
+            a, b = a.clone(), b.clone()
+            stores = {kind: SortIndexStore(len(blocks)) for block in blocks for kind in block.steps}
             for block in blocks:
-                replay: dict = {}
-                rng_f = _RngState(x1.device) if keep_rng else None
-                x1.add_(attend(block, x2, attention_mask, n_hashes, replay))
-                store.keep(replay)
-                rng_g = _RngState(x1.device) if keep_rng else None
-                x2.add_(block.feed_forward(x1))
-                replays.append(replay)
-                rng_states.append((rng_f, rng_g))
-        ctx.blocks, ctx.replays, ctx.rng_states = blocks, replays, rng_states
+                for kind in block.steps:
+                    rng = RngState(a.device) if keep_rng else None
+                    replay: dict = {}
+                    run = _step if kind == FEED_FORWARD else attend
+                    a.add_(run(block, kind, b, memory, step_ctx, replay))
+                    stores[kind].keep(replay)
+                    a, b = b, a
+                    records.append((block, kind, replay, rng))
+        ctx.records, ctx.step_ctx, ctx.params, ctx.compiled = records, step_ctx, params, compiled
         ctx.autocast = AutocastState()
-        ctx.attention_mask, ctx.n_hashes, ctx.compiled = attention_mask, n_hashes, compiled
-        ctx.save_for_backward(x1, x2)
-        return x1, x2
+        ctx.save_for_backward(a, b, memory)
+        return a, b
 
     @staticmethod
-    @_eager_under_compile  # autograd runs it inside a compiled caller's loss.backward()
+    @eager_under_compile  # autograd runs it inside a compiled caller's loss.backward()
     @once_differentiable
-    def backward(ctx, grad_y1, grad_y2):
-        params = [p for block in ctx.blocks for p in block.parameters()]
+    def backward(ctx, grad_a, grad_b):
+        a, b, memory = ctx.saved_tensors
         # Everything long-lived is allocated up front and updated in place: the activations and their
-        # gradients (rebuilt layer by layer) and one buffer for all parameter gradients. Long-lived
-        # allocations made between the large short-lived ones would fragment the CPU heap, whose
-        # resident size would then grow with depth.
-        if ctx.saved_tensors[0].device.type == "cpu":
+        # gradients (rebuilt step by step), one buffer for all parameter gradients and one for the
+        # memory's. Long-lived allocations made between the large short-lived ones would fragment the
+        # CPU heap, whose resident size would then grow with depth.
+        on_cpu = a.device.type == "cpu"
+        if on_cpu:
             release_free_heap()  # what the forward pass freed
-        y1, y2 = (t.clone() for t in ctx.saved_tensors)
-        grad_y1, grad_y2 = grad_y1.clone(), grad_y2.clone()
-        flat = torch.zeros(sum(p.numel() for p in params), dtype=y1.dtype, device=y1.device)
-        views = flat.split([p.numel() for p in params])
-        grads = {p: g.view_as(p) for p, g in zip(params, views, strict=True)}
-        layers = zip(reversed(ctx.blocks), reversed(ctx.replays), reversed(ctx.rng_states), strict=True)
-        attend = _compiled_attend() if ctx.compiled else _attend
-        for layers_done, (block, replay, (rng_f, rng_g)) in enumerate(layers, start=1):
-            # x2 = y2 - g(y1); the gradient of y1 picks up the feed-forward's contribution.
-            ff_params = [p for p in block.feed_forward.parameters() if p.requires_grad]
-            with _maybe_restored(rng_g), ctx.autocast.entered():
-                g_out, grad_from_g = block.feed_forward.vjp_in_chunks(
-                    y1, grad_y2, [grads[p] for p in ff_params]
-                )
-            y2.sub_(g_out)  # now x2
-            grad_y1.add_(grad_from_g)
-            del g_out, grad_from_g
-            # x1 = y1 - f(x2); f replays the forward's buckets through its replay record.
-            x2_leaf = y2.detach().requires_grad_(True)
-            attn_params = block.attention_params()
-            with torch.enable_grad(), _maybe_restored(rng_f), ctx.autocast.entered():
-                f_out = attend(block, x2_leaf, ctx.attention_mask, ctx.n_hashes, replay)
-            grad_x2_from_f, *attn_grads = vjp(f_out, [x2_leaf, *attn_params], grad_y1)
-            for p, g in zip(attn_params, attn_grads, strict=True):
-                grads[p].add_(g)
-            del attn_grads, x2_leaf
+        a, b, grad_a, grad_b = a.clone(), b.clone(), grad_a.clone(), grad_b.clone()
+        flat = torch.zeros(sum(p.numel() for p in ctx.params), dtype=a.dtype, device=a.device)
+        views = flat.split([p.numel() for p in ctx.params])
+        grads = {p: g.view_as(p) for p, g in zip(ctx.params, views, strict=True)}
+        grad_memory = torch.zeros_like(memory) if ctx.needs_input_grad[2] else None
+        attend = _compiled_step() if ctx.compiled else _step
+        layers_done = 0
+        for block, kind, replay, rng in reversed(ctx.records):
+            # The step's output is (p, q) = (b_in, a_in + f(b_in)): a holds p and b holds q.
+            params = block.step_params(kind)
+            if kind == FEED_FORWARD:  # chunk by chunk: one chunk's d_ff activations at a time
+                with maybe_restored(rng), ctx.autocast.entered():
+                    f_out, grad_p = block.feed_forward.vjp_in_chunks(a, grad_b, [grads[p] for p in params])
+            else:
+                p_leaf = a.detach().requires_grad_(True)
+                reads_memory = grad_memory is not None and kind in block.memory_steps
+                memory_in = memory.detach().requires_grad_(True) if reads_memory else memory
+                inputs = [p_leaf, *params, *([memory_in] if reads_memory else [])]
+                with torch.enable_grad(), maybe_restored(rng), ctx.autocast.entered():
+                    f_out = attend(block, kind, p_leaf, memory_in, ctx.step_ctx, replay)
+                grad_p, *rest = vjp(f_out, inputs, grad_b, allow_unused=True)
+                for param, g in zip(params, rest, strict=False):
+                    if g is not None:
+                        grads[param].add_(g)
+                if reads_memory and rest[-1] is not None:
+                    grad_memory.add_(rest[-1])
+                del rest, p_leaf, memory_in
             with torch.no_grad():
-                y1.sub_(f_out)  # now x1
-            del f_out
-            grad_y2.add_(grad_x2_from_f)
-            del grad_x2_from_f
-            if y1.device.type == "cpu" and layers_done % TRIM_EVERY_LAYERS == 0:
-                release_free_heap()
-            # grad_y1 (now the gradient of x1) is unchanged: x1 enters y1 with identity.
-        param_grads = tuple(grads[p] if p.requires_grad else None for p in params)
-        return (grad_y1, grad_y2, None, None, None, None, None, *param_grads)
+                b.sub_(f_out)  # now a_in
+            grad_a.add_(grad_p)  # the gradient of p = b_in
+            del f_out, grad_p
+            # (a_in, b_in) with gradients (that of q, which a_in enters with identity; that of p).
+            a, b, grad_a, grad_b = b, a, grad_b, grad_a
+            if kind == block.steps[0]:
+                layers_done += 1
+                if on_cpu and layers_done % TRIM_EVERY_LAYERS == 0:
+                    release_free_heap()
+        param_grads = tuple(grads[p] if p.requires_grad else None for p in ctx.params)
+        return (grad_a, grad_b, grad_memory, None, None, None, None, *param_grads)
 
 
-_reversible_apply = _eager_under_compile(_ReversibleFunction.apply)
-
-
-@contextmanager
-def _maybe_restored(state: _RngState | None):
-    if state is None:
-        yield
-    else:
-        with state.restored():
-            yield
+_reversible_apply = eager_under_compile(_ReversibleFunction.apply)
 
 
 class ReversibleSequence(nn.Module):
-    """A stack of :class:`ReformerBlock` run reversibly (or as plain residuals with ``reversible=False``).
+    """A stack of blocks run reversibly (or as plain residuals with ``reversible=False``): the encoder's
+    :class:`ReformerBlock` or the decoder's :class:`~reformer.reversible_decoder.DecoderBlock` (any
+    module with ``steps``, ``memory_steps``, ``step`` and ``step_params``).
 
-    Shapes: ``x1, x2`` ``(batch, length, d_model)`` -> ``y1, y2`` of the same shape.
+    Shapes: ``x1, x2`` ``(batch, length, d_model)`` -> ``y1, y2`` of the same shape; ``memory``
+    ``(batch, L_enc, d_memory)`` (decoder blocks) is the encoder output, ``memory_mask`` ``(batch, L_enc)``
+    bool marks its real positions. ``attention_mask`` ``(batch, length)`` marks real positions (for the
+    decoder also the cross-attention's queries); ``n_hashes`` overrides every LSH layer's rounds.
     """
 
-    def __init__(self, blocks: list[ReformerBlock], reversible: bool = True) -> None:
+    def __init__(self, blocks: list[nn.Module], reversible: bool = True) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.reversible = reversible
 
-    def forward(self, x1, x2, attention_mask=None, n_hashes=None):
+    def forward(self, x1, x2, attention_mask=None, n_hashes=None, memory=None, memory_mask=None):
+        ctx = {"attention_mask": attention_mask, "n_hashes": n_hashes}
+        if memory_mask is not None:
+            ctx["memory_mask"] = memory_mask
         compiling = torch.compiler.is_compiling()
-        needs_grad = torch.is_grad_enabled() and (x1.requires_grad or self._any_grad())
+        inputs_grad = x1.requires_grad or x2.requires_grad or (memory is not None and memory.requires_grad)
+        needs_grad = torch.is_grad_enabled() and (inputs_grad or self._any_grad())
         # Under torch.compile an eval-mode pass with gradients runs as plain residuals, traced whole (its
         # autograd graph keeps every layer's activations, as for reversible=False).
         if not self.reversible or not needs_grad or (compiling and not self.training):
             for block in self.blocks:
-                x1, x2 = block(x1, x2, attention_mask, n_hashes)
+                for kind in block.steps:
+                    x1, x2 = x2, x1 + block.step(kind, x2, memory, ctx, None)
             return x1, x2
         # In training, layers draw from the default generators (dropout, fresh hash rotations): the
         # recomputation must see the same draws and must leave the generators as it found them.
         keep_rng = self.training
-        params = [p for block in self.blocks for p in block.parameters()]
-        return _reversible_apply(
-            x1, x2, attention_mask, n_hashes, list(self.blocks), keep_rng, compiling, *params
-        )
+        params = list(self.blocks.parameters())
+        return _reversible_apply(x1, x2, memory, ctx, list(self.blocks), keep_rng, compiling, *params)
 
     def _any_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())

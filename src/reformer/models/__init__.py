@@ -1,6 +1,7 @@
 """The Reformer model family: one trunk (embeddings -> reversible stack -> final norm) and its heads."""
 
 from .base import ReformerTrunk
+from .decoder import ReformerDecoder
 from .heads import (
     ReformerEncoder,
     ReformerForMaskedLM,
@@ -13,6 +14,7 @@ from .seq2seq import ReformerEncoderDecoder
 from .seq2seq_config import Seq2SeqConfig
 
 __all__ = [
+    "ReformerDecoder",
     "ReformerEncoder",
     "ReformerEncoderDecoder",
     "ReformerForMaskedLM",

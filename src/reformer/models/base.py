@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,13 @@ def build_attention(cfg: ReformerConfig, kind: str, layer: int) -> nn.Module:
     return FullSelfAttention(cfg.d_model, cfg.n_heads, **common)
 
 
+def build_block(cfg: ReformerConfig, kind: str, layer: int) -> ReformerBlock:
+    """Layer ``layer`` of an encoder or language-model stack: attention of ``kind`` and the feed-forward."""
+    return ReformerBlock(
+        build_attention(cfg, kind, layer), build_feed_forward(cfg), cfg.d_model, cfg.layer_norm_eps
+    )
+
+
 def too_long_message(length: int, cfg: ReformerConfig) -> str:
     """Why ``length`` tokens do not fit a model configured by ``cfg``, and what would."""
     message = f"input length {length} exceeds max_seq_len={cfg.max_seq_len}; shorten the input"
@@ -84,20 +92,50 @@ def too_long_message(length: int, cfg: ReformerConfig) -> str:
     )
 
 
+def write_weights(directory: Path, state: dict[str, torch.Tensor], format: str) -> None:
+    """``directory/model.safetensors`` (atomically) holding ``state`` on the CPU; ``format`` goes into the
+    file's metadata."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(
+        directory / WEIGHTS_FILE, lambda path: save_file(state, str(path), metadata={"format": format})
+    )
+
+
+def read_weights(weights: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``weights`` on ``map_location``; ``ValueError`` naming the file
+    when it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-save the model") from err
+
+
 def _real_first_order(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(batch, length)`` int64 permutation per row listing its real positions first, each group in order."""
     return torch.sort((~attention_mask).to(torch.uint8), dim=1, stable=True).indices
 
 
 class ReformerTrunk(nn.Module):
-    """Embeddings, the reversible stack and the final norm, shared by :class:`~reformer.ReformerLM` and
-    the encoder family. Subclasses add a head and set ``head_kind``; heads with settings (label counts)
-    return them from :meth:`head_settings` and accept them as keyword arguments."""
+    """Embeddings, the reversible stack and the final norm, shared by :class:`~reformer.ReformerLM`, the
+    encoder family and both halves of the encoder-decoder. Subclasses add a head and set ``head_kind``;
+    heads with settings (label counts) return them from :meth:`head_settings` and accept them as keyword
+    arguments. ``build_layer(config, kind, i)`` makes layer ``i`` of the stack (attention ``kind`` from
+    ``config.attn_layers``); the decoder's adds cross-attention."""
 
     head_kind = "trunk"
     bidirectional = False  # True: the model needs causal=False (the encoder family)
 
-    def __init__(self, config: ReformerConfig) -> None:
+    def __init__(
+        self,
+        config: ReformerConfig,
+        build_layer: Callable[[ReformerConfig, str, int], nn.Module] = build_block,
+    ) -> None:
         super().__init__()
         if not isinstance(config, ReformerConfig):
             raise TypeError(f"config must be a ReformerConfig, got {type(config).__name__}")
@@ -110,15 +148,7 @@ class ReformerTrunk(nn.Module):
         self.config = config
         c = config
         self.embeddings = build_embeddings(c)
-        blocks = [
-            ReformerBlock(
-                build_attention(c, kind, i),
-                build_feed_forward(c),
-                c.d_model,
-                c.layer_norm_eps,
-            )  # fmt: skip
-            for i, kind in enumerate(c.attn_layers)
-        ]
+        blocks = [build_layer(c, kind, i) for i, kind in enumerate(c.attn_layers)]
         self.layers = ReversibleSequence(blocks, reversible=c.reversible)
         self.final_norm = nn.LayerNorm(2 * c.d_model, eps=c.layer_norm_eps)
 
@@ -241,14 +271,8 @@ class ReformerTrunk(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json``, ``model.safetensors`` and (except for ReformerLM) ``head.json`` into
         ``directory``, each atomically."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(
-            directory / WEIGHTS_FILE, lambda path: save_file(state, str(path), metadata={"format": "pt"})
-        )
+        write_weights(directory, self.state_dict(), "pt")
         atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
         head_file = directory / HEAD_FILE
         if self.head_kind == "lm":
@@ -273,9 +297,6 @@ class ReformerTrunk(nn.Module):
         attention was trained one-directional) unless ``allow_causal=True``, which loads it bidirectional
         with a warning.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
@@ -302,12 +323,7 @@ class ReformerTrunk(nn.Module):
         if saved_kind == cls.head_kind:
             head_settings = {**saved, **head_settings}
         model = cls(config, **head_settings)
-        try:
-            state = load_file(str(weights), device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(
-                f"{weights} is not a readable safetensors file ({err}); re-save the model"
-            ) from err
+        state = read_weights(weights, map_location)
         expected = model.state_dict()
         whole = saved_kind == cls.head_kind and saved == model.head_settings()
         if not whole:  # the trunk only

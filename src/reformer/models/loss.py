@@ -8,7 +8,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from ..reversible import AutocastState
+from ..recompute import AutocastState
 from ..vjp import vjp
 
 

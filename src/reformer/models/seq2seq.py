@@ -1,39 +1,51 @@
-"""The encoder-decoder Reformer: a bidirectional reversible encoder, and a reversible decoder whose layers
-have causal self-attention, cross-attention to the encoder output (exact or LSH) and a feed-forward.
-
-The encoder is :class:`~reformer.models.heads.ReformerEncoder` (its parameters under ``encoder.*``);
-the decoder is :mod:`reformer.reversible_decoder`'s stack with its own embeddings, final norm over
-``2 * d_model`` and a language-model head. Activation memory is flat in depth in both stacks.
+"""The encoder-decoder Reformer, built from two trunks and a head: the bidirectional encoder
+(:class:`~reformer.models.heads.ReformerEncoder`, parameters ``encoder.*``), the decoder
+(:class:`~reformer.models.decoder.ReformerDecoder`: causal self-attention, cross-attention to the encoder
+output and the feed-forward in every layer; ``decoder.*``) and a language-model head (``lm_head.*``).
+Both stacks run on the one reversible engine, so activation memory is flat in depth in both.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..attention import CrossAttention, LSHCrossAttention
 from ..data import IGNORE_INDEX
-from ..embeddings import AxialPositionEmbedding, position_ids
-from ..files import atomic_write
-from ..reversible_decoder import DecoderBlock, ReversibleDecoder
-from .base import (
-    EVAL_HASH_SEED_BASE,
-    WEIGHTS_FILE,
-    build_attention,
-    build_embeddings,
-    build_feed_forward,
-)
+from .base import WEIGHTS_FILE, read_weights, write_weights
+from .decoder import ReformerDecoder
 from .heads import ReformerEncoder
 from .loss import chunked_cross_entropy
 from .seq2seq_config import Seq2SeqConfig
 
 CONFIG_FILE = "config.json"
 HEAD_KIND = "encoder_decoder"
-SHARED_KEY = "embeddings.tokens.weight"  # the decoder's token embedding when tied to the encoder's
-CROSS_EVAL_SEED_BASE = EVAL_HASH_SEED_BASE + 10_007
+SHARED_KEY = "decoder.embeddings.tokens.weight"  # the decoder's token embedding when tied to the encoder's
+# Weights saved before the decoder was a trunk name its parts without the ``decoder.`` trunk prefix.
+LEGACY_NAMES = {
+    "embeddings.": "decoder.embeddings.",
+    "decoder.blocks.": "decoder.layers.blocks.",
+    "final_norm.": "decoder.final_norm.",
+}
+
+
+def from_legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under today's parameter names: a file whose decoder layers are ``decoder.blocks.*`` (the
+    earlier layout, with ``embeddings.*`` and ``final_norm.*`` at the top) is renamed; others pass as they
+    are."""
+    if not any(name.startswith("decoder.blocks.") for name in state):
+        return state
+    renamed = {}
+    for name, tensor in state.items():
+        for old, new in LEGACY_NAMES.items():
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        renamed[name] = tensor
+    return renamed
 
 
 def shift_right(target_ids: torch.Tensor, start_id: int) -> torch.Tensor:
@@ -68,48 +80,26 @@ class ReformerEncoderDecoder(nn.Module):
         self.config = config
         enc, dec = config.encoder, config.decoder
         self.encoder = ReformerEncoder(enc)
-        self.embeddings = build_embeddings(dec)
-        blocks = [
-            DecoderBlock(
-                build_attention(dec, kind, i),
-                self._cross_attention(i),
-                build_feed_forward(dec),
-                dec.d_model,
-                dec.layer_norm_eps,
-            )  # fmt: skip
-            for i, kind in enumerate(dec.attn_layers)
-        ]
-        self.decoder = ReversibleDecoder(blocks, reversible=dec.reversible)
-        self.final_norm = nn.LayerNorm(2 * dec.d_model, eps=dec.layer_norm_eps)
+        self.decoder = ReformerDecoder(config)
         self.lm_head = nn.Linear(2 * dec.d_model, dec.vocab_size)
-        for module in (self.embeddings, self.decoder, self.final_norm, self.lm_head):
-            module.apply(self._init_weights)
+        for module in (self.decoder, self.lm_head):
+            module.apply(self.decoder._init_weights)
         if config.share_embeddings:
-            self.embeddings.tokens = self.encoder.embeddings.tokens
+            self.decoder.embeddings.tokens = self.encoder.embeddings.tokens
 
-    def _cross_attention(self, layer: int) -> nn.Module:
-        c, dec = self.config, self.config.decoder
-        d_memory = 2 * c.encoder.d_model
-        if c.cross_attention == "full":
-            return CrossAttention(dec.d_model, d_memory, c.cross_n_heads, dropout=dec.dropout)
-        return LSHCrossAttention(
-            dec.d_model, d_memory, c.cross_n_heads, dropout=dec.dropout, chunk_size=c.cross_chunk_size,
-            window=c.cross_window, n_hashes=c.cross_n_hashes, n_buckets=c.cross_n_buckets,
-            hash_seed=c.cross_hash_seed, eval_hash_seed=CROSS_EVAL_SEED_BASE + layer,
-        )  # fmt: skip
+    @property
+    def embeddings(self) -> nn.Module:
+        """The decoder's embeddings (token and position)."""
+        return self.decoder.embeddings
 
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.decoder.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, AxialPositionEmbedding):
-            for weight in module.weights:
-                nn.init.normal_(weight, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        """The decoder's final norm over ``2 * d_model``."""
+        return self.decoder.final_norm
+
+    def head_settings(self) -> dict[str, Any]:
+        """The head's constructor settings: none (its vocabulary is the decoder config's)."""
+        return {}
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -155,34 +145,7 @@ class ReformerEncoderDecoder(nn.Module):
         """Final decoder hidden states ``(batch, L_dec, 2 * d_model)``. ``decoder_mask`` marks real
         decoder positions (padding at the end of a row); outputs at padding positions are unspecified.
         The decoder inputs take positions ``position_offset, position_offset + 1, ...``."""
-        self._check_decoder_ids(decoder_input_ids)
-        if decoder_mask is not None:
-            decoder_mask = decoder_mask.to(decoder_input_ids.device) != 0
-        positions = position_ids(
-            decoder_input_ids.shape[1],
-            position_offset,
-            self.config.decoder.max_seq_len,
-            decoder_input_ids.device,
-        )
-        x = self.embeddings(decoder_input_ids.long(), positions)
-        ctx = dict(attention_mask=decoder_mask, memory_mask=memory_mask, n_hashes=n_hashes)
-        a, b = self.decoder(x, x, memory, ctx)
-        return self.final_norm(torch.cat([a, b], dim=-1))
-
-    def _check_decoder_ids(self, ids: torch.Tensor) -> None:
-        dec = self.config.decoder
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"decoder_input_ids must be (batch, length >= 1), got shape {tuple(ids.shape)}")
-        if ids.shape[1] > dec.max_seq_len:
-            raise ValueError(
-                f"decoder length {ids.shape[1]} exceeds the decoder's max_seq_len={dec.max_seq_len}; "
-                "build the model with a larger decoder max_seq_len"
-            )
-        if ids.device.type == "cpu" and (int(ids.min()) < 0 or int(ids.max()) >= dec.vocab_size):
-            raise ValueError(
-                f"decoder token ids must lie in [0, vocab_size={dec.vocab_size}); found ids in "
-                f"[{int(ids.min())}, {int(ids.max())}]"
-            )
+        return self.decoder(decoder_input_ids, memory, memory_mask, decoder_mask, n_hashes, position_offset)
 
     def forward(
         self,
@@ -235,26 +198,21 @@ class ReformerEncoderDecoder(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` (the :class:`Seq2SeqConfig`) and ``model.safetensors`` atomically."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = self.state_dict()
         if self.config.share_embeddings:
             del state[SHARED_KEY]  # the same tensor as encoder.embeddings.tokens.weight
-        atomic_write(
-            directory / WEIGHTS_FILE, lambda path: save_file(state, str(path), metadata={"format": HEAD_KIND})
-        )
+        write_weights(directory, state, HEAD_KIND)
         self.config.to_json(directory / CONFIG_FILE)
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu", **head_settings: Any
     ) -> ReformerEncoderDecoder:
-        """Load a model written by :meth:`save_pretrained`."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        """Load a model written by :meth:`save_pretrained` (also in the earlier parameter layout, see
+        :func:`from_legacy_names`). ``head_settings``: none exist; given ones are an error."""
+        if head_settings:
+            raise TypeError(f"ReformerEncoderDecoder has no head settings; got {sorted(head_settings)}")
         directory = Path(directory)
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
@@ -264,12 +222,7 @@ class ReformerEncoderDecoder(nn.Module):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{directory / CONFIG_FILE} is not an encoder-decoder config: {err}") from err
         model = cls(config)
-        try:
-            state = load_file(str(weights), device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(
-                f"{weights} is not a readable safetensors file ({err}); re-save the model"
-            ) from err
+        state = from_legacy_names(read_weights(weights, map_location))
         expected = set(model.state_dict()) - ({SHARED_KEY} if config.share_embeddings else set())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:

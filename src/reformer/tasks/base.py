@@ -88,8 +88,9 @@ class Task:
     (its model settings class), ``model_class`` (what :meth:`build_model` / :meth:`load_model` make),
     ``vocab_size`` and ``causal`` (the model's, where the model settings leave them None), ``presets``
     (named :class:`Preset` s it adds) and ``default_preset``, ``sequence_parallel`` (the objective runs
-    under ``--sequence-parallel``), ``loss_in_bits`` (progress bar and plot in bits per byte) and
-    ``held_out_seed``.
+    under ``--sequence-parallel``), ``loss_in_bits`` (progress bar and plot in bits per byte),
+    ``selection`` (the held-out metric and direction, ``"min"`` or ``"max"``, that ``--keep-best`` ranks
+    evaluations by) and ``held_out_seed``.
     """
 
     name: ClassVar[str]
@@ -103,6 +104,7 @@ class Task:
     default_preset: ClassVar[str] = "tiny"
     sequence_parallel: ClassVar[bool] = False
     loss_in_bits: ClassVar[bool] = False
+    selection: ClassVar[tuple[str, str]] = ("loss", "min")
     held_out_seed: ClassVar[int] = HELD_OUT_SEED
 
     def __init__(self, cfg: RunSettings) -> None:

@@ -61,13 +61,34 @@ class Filler:
                 return window
 
 
+def decoy_numbers(key: str, n: int, generator: torch.Generator) -> list[bytes]:
+    """``n`` numbers of ``len(key)`` digits, each ``key``'s first ``p`` digits (``p`` drawn from 0 to
+    ``len(key) - 1``) followed by other digits, never ``key`` itself, as ``b" 71402 "``."""
+    numbers = []
+    for _ in range(n):
+        keep = int(torch.randint(0, len(key), (), generator=generator))
+        tail = [int(d) for d in torch.randint(0, 10, (len(key) - keep,), generator=generator)]
+        first = int(key[keep])
+        if tail[0] == first:  # differ at the first redrawn digit, so never the key
+            tail[0] = (first + 1 + int(torch.randint(0, 9, (), generator=generator))) % 10
+        numbers.append(f" {key[:keep]}{''.join(map(str, tail))} ".encode())
+    return numbers
+
+
 def passkey_example(
-    length: int, depth: float, filler: Filler, generator: torch.Generator, digits: int = 5
+    length: int,
+    depth: float,
+    filler: Filler,
+    generator: torch.Generator,
+    digits: int = 5,
+    decoys: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One example of exactly ``length`` input tokens: ``(inputs, targets)``, both ``(length,)`` int64.
 
     ``targets`` is ``IGNORE_INDEX`` except at the last ``digits`` positions, which predict the key's digits
-    (teacher forced: the input ends with all digits but the last).
+    (teacher forced: the input ends with all digits but the last). ``decoys`` numbers that share a prefix
+    with the key (:func:`decoy_numbers`) overwrite filler, one in each of ``decoys`` equal stretches of it
+    (fewer where the filler is too short to hold them).
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth} must lie in [0, 1]")
@@ -80,6 +101,14 @@ def passkey_example(
             f"{len(needle) + len(tail) - 1} tokens"
         )
     fill = filler.take(n_fill, generator)
+    if decoys:
+        fill = fill.copy()
+        width = digits + 2
+        slots = min(decoys, n_fill // width)
+        for slot, number in enumerate(decoy_numbers(key, slots, generator)):
+            stretch = n_fill // slots
+            at = slot * stretch + int(torch.randint(0, stretch - width + 1, (), generator=generator))
+            fill[at : at + width] = np.frombuffer(number, np.uint8)
     cut = int(round(depth * n_fill))
     sequence = np.concatenate(
         [fill[:cut], np.frombuffer(needle, np.uint8), fill[cut:], np.frombuffer(tail, np.uint8)]
@@ -116,6 +145,11 @@ class PasskeySettings(RetrievalSettings):
         "corpus", "haystack text: corpus (the default corpus), repeat or noise", choices=FILLERS
     )
     digits: int = setting(5, "digits of the key")
+    train_decoys: int = setting(
+        0, "numbers sharing a prefix with the key hidden in each training haystack (held-out and test "
+        "haystacks have none): they make the model bind the digits to the phrase, not to the digits "
+        "before them, which text full of numbers defeats at long lengths",
+    )  # fmt: skip
 
 
 class PasskeyTask(RetrievalTask):
@@ -138,6 +172,8 @@ class PasskeyTask(RetrievalTask):
         super().validate()
         if self.settings.filler not in FILLERS:
             raise ValueError(f"--filler {self.settings.filler!r} is unknown; use one of {FILLERS}")
+        if self.settings.train_decoys < 0:
+            raise ValueError(f"--train-decoys {self.settings.train_decoys} must be 0 or more")
         if not 1 <= self.settings.digits <= 64:
             raise ValueError(f"--digits {self.settings.digits} must lie in [1, 64]")
         shortest = min_passkey_length(self.settings.digits)
@@ -154,7 +190,8 @@ class PasskeyTask(RetrievalTask):
         return self._fillers[key]
 
     def example(self, length: int, value: float, generator: torch.Generator, split: str) -> Batch:
-        return passkey_example(length, value, self.filler(split), generator, self.settings.digits)
+        decoys = self.settings.train_decoys if split == "train" else 0
+        return passkey_example(length, value, self.filler(split), generator, self.settings.digits, decoys)
 
     def train_grid_value(self, length: int, generator: torch.Generator) -> float:
         return float(torch.rand((), generator=generator))

@@ -89,6 +89,7 @@ class RetrievalTask(Task):
     grid_values: tuple[float, ...] = ()
     exact_match: bool = True
     sequence_parallel = False
+    selection = ("accuracy", "max")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -341,8 +341,7 @@ def load_checkpoint(
     """Restore weights and optimiser state from ``folder``; returns (trainer state, RNG states)."""
     fix = "move it out of checkpoints/ to resume from the one before"
     state = read_json_object(folder / TRAINER_STATE_FILE, f"the checkpoint is damaged; {fix}")
-    settings = model.head_settings() if hasattr(model, "head_settings") else {}
-    loaded = type(model).from_pretrained(folder, map_location=device, **settings)
+    loaded = type(model).from_pretrained(folder, map_location=device, **model.head_settings())
     if loaded.config.to_dict() != model.config.to_dict():
         raise TrainingError(f"{folder}/config.json does not match the run's model settings")
     model.load_state_dict(loaded.state_dict())

@@ -67,6 +67,12 @@ class TrainConfig:
     eval_batches: int = setting(8, "held-out batches per evaluation")
     save_every: int = setting(100, "steps between checkpoints")
     keep_checkpoints: int = 2
+    keep_best: bool = setting(
+        False,
+        "also keep the weights of the best held-out evaluation so far in RUN/best (the task's "
+        "metric: loss, or accuracy for passkey and recall); reformer eval RUN/best reads them",
+        action="store_true",
+    )
     log_every: int = setting(10, "steps between metrics lines")
     log: list[str] = setting(
         default_factory=list,

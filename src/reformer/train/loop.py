@@ -20,6 +20,7 @@ import torch
 from ..files import atomic_write_text
 from ..parallel import SequenceParallelLM
 from ..tasks import Batch, Task
+from .best import BestKeeper
 from .checkpoints import (
     checkpoint_dirs,
     load_checkpoint,
@@ -168,6 +169,7 @@ def _train(
     held_out = task.held_out()
     logger = RunLog(MetricsLog(run, task.loss_in_bits, enabled=dist.is_main), cfg.log, state["step"])
     checkpoint, last_eval = resume_from, {}
+    best = BestKeeper(run, task) if cfg.keep_best and dist.is_main else None
     tokens_per_step = cfg.batch_size * cfg.seq_len
     started, step_start = time.monotonic(), state["step"]
     bar = progress_bar(cfg, state["step"], dist.is_main)
@@ -225,6 +227,8 @@ def _train(
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 last_eval = task.evaluate(net, held_out, dist.device)
                 logger.log({"step": step, "split": "eval", **last_eval})
+                if best is not None:
+                    best.offer(last_eval, step, model)
                 logger.plot()
             bar.update(1)
             bar.set_postfix(postfix(total, last_eval, tokens_per_s, task.loss_in_bits), refresh=False)

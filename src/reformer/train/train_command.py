@@ -36,7 +36,7 @@ OPTIMISER_SETTINGS = ("lr", "warmup", "schedule", "cosine_steps", "weight_decay"
 # Settings a resumed run may change; everything else must match the saved run.
 RESUMABLE_OVERRIDES = (
     "steps", "cosine_steps", "eval_every", "save_every", "log_every", "log", "max_minutes", "skip_nonfinite",
-    "progress",
+    "keep_best", "progress",
 )  # fmt: skip
 FOREIGN = "other_task."  # the dest prefix of the flags of other tasks (refused with their tasks named)
 

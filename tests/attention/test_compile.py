@@ -34,7 +34,7 @@ def _train_step(model, ids, mask):
 
 
 # All slow, and torch._dynamo imported inside the tests: once it is imported, the Triton interpreter tests
-# that run later in the same process fail (tests/test_triton_lsh.py; also with the older test here).
+# that run later in the same process fail (tests/attention/test_triton_lsh.py; also with the older test here).
 @pytest.mark.slow
 def test_graph_breaks():
     """Dynamo tracing only, no code generation (about 10 s): the graph-break budget."""

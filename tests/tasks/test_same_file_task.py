@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-_path = Path(__file__).resolve().parents[1] / "benchmarks" / "same_file_task.py"
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "same_file_task.py"
 _spec = importlib.util.spec_from_file_location("same_file_task", _path)
 task = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(task)

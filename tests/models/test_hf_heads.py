@@ -7,7 +7,7 @@ import torch
 
 import reformer
 from reformer.hf import name_map
-from tests.test_hf import hf_float32_rotations  # noqa: F401 (a fixture)
+from tests.models.test_hf import hf_float32_rotations  # noqa: F401 (a fixture)
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("hf_float32_rotations")  # both libraries hash with the same rotations

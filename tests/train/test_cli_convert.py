@@ -3,7 +3,7 @@ import torch
 
 from reformer import ReformerLM
 from reformer.cli import main
-from tests.test_hf import hf_model
+from tests.models.test_hf import hf_model
 
 transformers = pytest.importorskip("transformers")
 

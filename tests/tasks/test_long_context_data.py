@@ -146,3 +146,33 @@ def test_heatmap_is_a_png(tmp_path):
     path = tmp_path / "heat.png"
     plot_heatmap([[1.0, 0.5], [0.0, float("nan")]], [4096, 1 << 20], [0.0, 1.0], path, "passkey")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("length, decoys, expected", [(700, 6, 6), (120, 6, 2)])
+def test_passkey_decoys_share_a_prefix_with_the_key_and_never_equal_it(length, decoys, expected):
+    shared = set()
+    for seed in range(40):
+        generator = torch.Generator().manual_seed(seed)
+        inputs, targets = passkey_example(length, 0.5, Filler("repeat"), generator, decoys=decoys)
+        assert inputs.shape == targets.shape == (length,)
+        needle, text = _parse_passkey(inputs, targets)
+        key = needle.group(1)
+        numbers = re.findall(rb" (\d{5}) ", text.replace(needle.group(0), b""))
+        assert len(numbers) == expected, "one decoy per stretch of filler, as many as fit"
+        assert all(n != key for n in numbers)
+        shared |= {next(i for i in range(5) if n[i] != key[i]) for n in numbers}
+        assert bytes(targets[-5:].tolist()) == key
+    assert shared == {0, 1, 2, 3, 4}, "prefixes of every length below the key's"
+
+
+def test_passkey_decoys_are_in_training_haystacks_only():
+    from reformer.train.config import TrainConfig
+
+    cfg = TrainConfig(task="passkey", seq_len=1024, task_settings={"filler": "repeat", "train_decoys": 4})
+    task = cfg.make_task()
+    for split, expected in (("train", 4), ("valid", 0), ("test", 0)):
+        inputs, targets = task.example(600, 0.5, torch.Generator().manual_seed(1), split)
+        needle, text = _parse_passkey(inputs, targets)
+        assert len(re.findall(rb" \d{5} ", text.replace(needle.group(0), b""))) == expected, split
+    with pytest.raises(ValueError, match="--train-decoys -1"):
+        TrainConfig(task="passkey", seq_len=4096, task_settings={"train_decoys": -1}).make_task().validate()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from reformer.tasks import listops
 
-_path = Path(__file__).resolve().parents[1] / "benchmarks" / "listops_baselines.py"
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "listops_baselines.py"
 _spec = importlib.util.spec_from_file_location("listops_baselines", _path)
 baselines = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(baselines)

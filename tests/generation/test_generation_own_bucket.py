@@ -19,8 +19,7 @@ from reformer.generation import (
     run_settings,
 )
 from reformer.hashing import bucket_factors, draw_rotations
-
-from .test_causal_lsh import oracle
+from tests.attention.test_causal_lsh import oracle
 
 # ---- layer level: one step sees what the rule says -------------------------------------------------
 

@@ -2,12 +2,16 @@
 weights (float64, every parameter's gradient and the encoder output's), activation memory flat in
 depth, padding, checkpoints, cached == uncached generation, and bad input."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from reformer.config import ReformerConfig
 from reformer.models.seq2seq import ReformerEncoderDecoder, Seq2SeqConfig
-from reformer.reversible_decoder import ReversibleDecoder
+from reformer.reversible import ReversibleSequence
 
 
 def _config(self_kinds=("full", "lsh"), cross="full", vocab=(23, 23), reversible=True, dropout=0.0, **extra):
@@ -66,13 +70,13 @@ def test_reversible_matches_plain_residuals(self_kinds, cross, train):
 def test_memory_gradient_accumulates_over_every_decoder_layer():
     torch.manual_seed(0)
     model = ReformerEncoderDecoder(_config(("full", "local", "lsh"), "lsh")).double().eval()
-    decoders = [model.decoder, ReversibleDecoder(list(model.decoder.blocks), reversible=False)]
+    decoders = [model.decoder.layers, ReversibleSequence(list(model.decoder.blocks), reversible=False)]
     x = torch.randn(2, 12, 32, dtype=torch.float64, requires_grad=True)
     grads = []
     for decoder in decoders:
         memory = torch.randn(2, 17, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         memory.requires_grad_(True)
-        a, b = decoder(x, x, memory, {})
+        a, b = decoder(x, x, memory=memory)
         (a.pow(2).sum() + b.sin().sum()).backward()
         grads.append(memory.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
@@ -123,6 +127,25 @@ def test_save_and_load_round_trip(tmp_path, share):
     assert loaded.config.to_dict() == model.config.to_dict()
     if share:
         assert loaded.embeddings.tokens is loaded.encoder.embeddings.tokens
+
+
+def test_a_model_saved_in_the_top_level_decoder_layout_loads(tmp_path):
+    """Weights named ``embeddings.*``, ``decoder.blocks.*`` and ``final_norm.*`` (the decoder's parts at the
+    top level, shared token embeddings stored once) load, give the logits recorded when they were saved,
+    and round-trip in today's layout."""
+    folder = Path(__file__).parent.parent / "fixtures" / "encoder_decoder_top_level_layout"
+    assert any(name.startswith("decoder.blocks.") for name in load_file(folder / "model.safetensors"))
+    model = ReformerEncoderDecoder.from_pretrained(folder).eval()
+    recorded = json.loads((folder / "expected.json").read_text())
+    src, tgt = torch.tensor(recorded["source_ids"]), torch.tensor(recorded["decoder_input_ids"])
+    expected = torch.tensor(recorded["logits"], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(src, tgt).double(), expected, rtol=1e-6, atol=1e-7)
+        model.save_pretrained(tmp_path)
+        again = ReformerEncoderDecoder.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(again(src, tgt).double(), expected, rtol=1e-6, atol=1e-7)
+    assert again.embeddings.tokens is again.encoder.embeddings.tokens
+    assert not any(name.startswith("decoder.blocks.") for name in load_file(tmp_path / "model.safetensors"))
 
 
 def test_cached_generation_equals_recomputation():

@@ -20,7 +20,7 @@ from reformer import (
     ReformerForTokenClassification,
     ReformerLM,
 )
-from tests.test_padding import LENGTHS, _batch
+from tests.models.test_padding import LENGTHS, _batch
 
 HEADS = {
     "encoder": (ReformerEncoder, {}),
