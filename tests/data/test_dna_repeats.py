@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-_path = Path(__file__).resolve().parents[1] / "benchmarks" / "dna_repeats.py"
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "dna_repeats.py"
 _spec = importlib.util.spec_from_file_location("dna_repeats", _path)
 dna_repeats = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dna_repeats)
