@@ -502,6 +502,25 @@ MUTATIONS = [
         ("tests/data/test_lm_formats.py::test_a_tokenizer_run_reports_bits_per_byte_of_the_text_and_generates_through_it",),
     ),
     Mutation(
+        "eval-through-named-tokenizer", "tasks/lm.py",
+        "if self.settings.tokenizer is not None and kept.is_file():",
+        "if self.settings.tokenizer is None and kept.is_file():",
+        "reformer eval reads a tokenizer run's data through the tokenizer it named, not the one it kept",
+        ("tests/data/test_lm_formats.py::test_eval_and_generate_read_through_the_tokenizer_kept_in_the_run",),
+    ),
+    Mutation(
+        "eval-data-keeps-valid", "tasks/lm.py",
+        "dataclasses.replace(self.settings, valid=None)", "dataclasses.replace(self.settings)",
+        "reformer eval --data evaluates the run's --valid file instead of the files given",
+        ("tests/data/test_lm_formats.py::test_eval_and_generate_read_through_the_tokenizer_kept_in_the_run",),
+    ),
+    Mutation(
+        "mlm-ignores-valid", "tasks/mlm.py",
+        "load_corpus(self.settings.data, self.settings.valid)", "load_corpus(self.settings.data)",
+        "reformer train --task mlm --valid V holds out 5% of --data and never reads V",
+        ("tests/tasks/test_encoder_tasks.py::test_mlm_holds_out_the_valid_file",),
+    ),
+    Mutation(
         "run-folder-without-format", "train/loop.py",
         "    task.save_files(run)\n", "",
         "a run folder keeps no data format: generate reads a token-file model's prompt as bytes",

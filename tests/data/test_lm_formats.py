@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from reformer.cli import main
-from reformer.data import DATA_FORMAT_FILE, load_codec
+from reformer.data import DATA_FORMAT_FILE, load_codec, load_corpus
 from reformer.models import ReformerLM
 from reformer.train import evaluate_run
 
@@ -143,6 +144,52 @@ def test_a_tokenizer_run_reports_bits_per_byte_of_the_text_and_generates_through
     ids = torch.tensor([oracle.encode(prompt).ids])
     new = model.generate(ids, 8, temperature=0.0)[0, ids.shape[1] :].tolist()
     assert out == oracle.decode(new) + "\n"
+
+
+def test_eval_and_generate_read_through_the_tokenizer_kept_in_the_run(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    text = " ".join(rng.choice(words, size=3000)) + "\n"
+    (tmp_path / "train.txt").write_text(text)
+    held = " ".join(rng.choice(words, size=150)) + "\n"
+    (tmp_path / "valid.txt").write_text(held)
+    other = " ".join(rng.choice(words, size=200)) + "\n"
+    (tmp_path / "other.txt").write_text(other)
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "train.txt"), "--vocab-size", "300",
+                 "--out", str(tok)]) == 0  # fmt: skip
+    oracle = tokenizers.Tokenizer.from_file(str(tok / "tokenizer.json"))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "train.txt"), "--valid", str(tmp_path / "valid.txt"),
+                 "--tokenizer", str(tok), "--seq-len", "32", "--out", str(run), *FLAGS]) == 0  # fmt: skip
+    # The named tokenizer is retrained on other text, to a smaller vocabulary: its ids still fit
+    # the model, so only reading through the run's own copy gives the trained ids.
+    (tmp_path / "digits.txt").write_text(" ".join(str(n) for n in rng.integers(0, 10**6, 4000)))
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "digits.txt"), "--vocab-size", "270",
+                 "--out", str(tok)]) == 0  # fmt: skip
+    assert (
+        tokenizers.Tokenizer.from_file(str(tok / "tokenizer.json")).encode(held).ids
+        != oracle.encode(held).ids
+    )
+    model = ReformerLM.from_pretrained(run)
+    other_test = bytes(load_corpus([str(tmp_path / "other.txt")]).test).decode()  # its held-out text
+    measured = []
+    for options, source in (({}, held), ({"data": [str(tmp_path / "other.txt")]}, other_test)):
+        metrics = evaluate_run(run, device="cpu", batch_size=4, **options)
+        bits, counted = summed_loss_bits(model, np.array(oracle.encode(source).ids), 32)
+        spelled = len(oracle.decode(counted.tolist()).encode("utf-8"))
+        assert metrics["bits_per_byte"] == pytest.approx(bits / spelled, rel=1e-5)
+        measured.append(metrics["bits_per_byte"])
+    capsys.readouterr()
+    prompt = "gamma delta"
+    command = ["generate", str(run), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(command) == 0
+    ids = torch.tensor([oracle.encode(prompt).ids])
+    new = model.generate(ids, 8, temperature=0.0)[0, ids.shape[1] :].tolist()
+    assert capsys.readouterr().out == oracle.decode(new) + "\n"
+    shutil.rmtree(tok)  # deleted: the run still evaluates, through its own copy
+    assert evaluate_run(run, device="cpu", batch_size=4)["bits_per_byte"] == pytest.approx(measured[0])
 
 
 # ---- genomes -------------------------------------------------------------------------------------

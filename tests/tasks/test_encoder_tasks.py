@@ -172,6 +172,30 @@ def test_classify_refuses_long_texts_without_truncate(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "r2"), "--steps", "1", "--truncate"]) == 0
 
 
+@pytest.mark.parametrize(
+    "flags", [["--tokenizer", "tok"], ["--format", "fasta"], ["--dtype", "uint16"], ["--image-size", "8"]]
+)
+def test_mlm_refuses_the_options_of_other_data_formats(tmp_path, capsys, flags):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox. " * 50)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "mlm", "--data", str(corpus), *flags, *SMALL, "--out", str(run)])
+    err = capsys.readouterr().err
+    assert flags[0] in err and "--task mlm pretrains on bytes" in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_mlm_holds_out_the_valid_file(tmp_path):
+    corpus, valid = tmp_path / "corpus.txt", tmp_path / "valid.txt"
+    corpus.write_text("the quick brown fox. " * 50)
+    valid.write_text("ZZZZ" * 64)
+    cfg = TrainConfig(task="mlm", seq_len=16)
+    cfg.task_settings.data, cfg.task_settings.valid = [str(corpus)], str(valid)
+    read = cfg.make_task().corpus
+    assert bytes(read.test) == valid.read_bytes() and bytes(read.train) == corpus.read_bytes()
+
+
 def test_mlm_pretrains_resumes_exactly_and_initialises_a_classifier(tmp_path, capsys, caplog):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)

@@ -6,6 +6,7 @@ and ``image`` presets. The held-out metric is the format's (bits per byte, token
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..data import FORMATS, TOKEN_DTYPES, load_data, save_codec
+from ..data.tokenizer import TOKENIZER_FILE
 from .base import Batch, Preset, Task
 from .settings import setting
 
@@ -136,6 +138,16 @@ class LanguageModelTask(Task):
         """The data format (and tokenizer) beside the model, for ``reformer generate``."""
         save_codec(self.corpus, folder)
 
+    def load_model(self, folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+        """The model of a run folder; a tokenizer's run then reads its data through the tokenizer kept
+        in the folder, the one its ids were trained with, even if the tokenizer it named has since been
+        retrained, moved or deleted."""
+        kept = Path(folder) / TOKENIZER_FILE
+        if self.settings.tokenizer is not None and kept.is_file():
+            self.settings = dataclasses.replace(self.settings, tokenizer=str(kept))
+            self.__dict__.pop("corpus", None)
+        return super().load_model(folder, device)
+
     def batch(self, size: int, generator: torch.Generator, split: str = "train") -> Batch:
         return self.corpus.sample(split, size, self.cfg.seq_len, generator)
 
@@ -175,10 +187,16 @@ class LanguageModelTask(Task):
         return corpus.sequential("test", self.cfg.seq_len, size, options.max_tokens)
 
     def _load(self, data: list[str] | None):
-        """The corpus of the run's data settings (``data``: other paths); a missing extra is a
-        ``ValueError`` too, so every command reports it as bad input."""
+        """The corpus of the run's data settings (``data``: other paths, split on their own: the run's
+        ``--valid`` file is not theirs); a missing extra is a ``ValueError`` too, so every command
+        reports it as bad input."""
+        if data is None:
+            settings = self.settings
+        else:
+            settings = dataclasses.replace(self.settings, valid=None)
+            data = [str(Path(p).resolve()) for p in data]
         try:
-            return self.settings.load(None if data is None else [str(Path(p).resolve()) for p in data])
+            return settings.load(data)
         except ImportError as err:
             raise ValueError(str(err)) from err
 

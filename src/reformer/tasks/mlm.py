@@ -66,9 +66,26 @@ class MaskedLMTask(Task):
     vocab_size = MLM_VOCAB
     causal = False
 
+    def validate(self) -> None:
+        """Masked LM reads bytes: the options of the other data formats would be ignored, so they are
+        refused."""
+        super().validate()
+        s = self.settings
+        given = {
+            "--format": s.format not in (None, "bytes") and s.format, "--tokenizer": s.tokenizer,
+            "--dtype": s.dtype, "--vocab-size": s.vocab_size, "--reverse-complement": s.reverse_complement,
+            "--image-size": s.image_size,
+        }  # fmt: skip
+        for flag, value in given.items():
+            if value not in (None, False):
+                raise ValueError(
+                    f"{flag} {value}: --task mlm pretrains on bytes (UTF-8 text, any file); drop {flag}, or "
+                    "train a next-token model on that format with --task lm"
+                )
+
     @cached_property
     def corpus(self) -> Corpus:
-        return load_corpus(self.settings.data)
+        return load_corpus(self.settings.data, self.settings.valid)
 
     def prepare(self) -> None:
         self.corpus  # noqa: B018  (read now, so that a missing file stops the run before the model is built)
@@ -109,7 +126,7 @@ class MaskedLMTask(Task):
 
     def test_batches(self, model: nn.Module, options: argparse.Namespace) -> Iterable[Batch]:
         """Back-to-back windows of the test split, masked from ``TEST_SEED``."""
-        corpus = load_corpus(options.data if options.data else self.settings.data)
+        corpus = load_corpus(options.data) if options.data else self.corpus
         generator = torch.Generator().manual_seed(TEST_SEED)
         size = self.eval_batch_size(options)
         windows = contiguous_windows(corpus.test, self.cfg.seq_len, size, options.max_tokens)
