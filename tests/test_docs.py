@@ -184,10 +184,13 @@ def test_documented_command_parses(argv, tmp_path, monkeypatch):
         task = trained_tasks()[Path(config).parent.as_posix()]
         Path(config).parent.mkdir(parents=True)
         Path(config).write_text(json.dumps(preset_config(default_preset(task), task).to_dict()))
-    if argv[:1] in (["eval"], ["predict"]) and len(argv) > 1 and argv[1] in trained_tasks():
-        # The run folder a documented command trained, as far as its task (which adds flags) goes.
-        (tmp_path / argv[1]).mkdir(parents=True)
-        (tmp_path / argv[1] / "train_config.json").write_text(json.dumps({"task": trained_tasks()[argv[1]]}))
+    run = argv[1] if argv[:1] in (["eval"], ["predict"]) and len(argv) > 1 else None
+    trained = run and (run if run in trained_tasks() else Path(run).parent.as_posix())
+    if trained in trained_tasks() and (trained == run or Path(run).name == "best"):
+        # The run folder a documented command trained (or its --keep-best copy), as far as its task
+        # (which adds flags) goes.
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "train_config.json").write_text(json.dumps({"task": trained_tasks()[trained]}))
     with documented_tasks():
         try:
             args = build_parser(argv).parse_args(argv)

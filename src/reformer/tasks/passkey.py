@@ -133,7 +133,7 @@ PRESETS = {
                    bucket_size=64, n_hashes=4, lsh_key_rule="chunks", local_chunk_size=64,
                    position_embedding="rotary", reversible=False, max_seq_len=1 << 20),
         run=dict(seq_len=8192, batch_size=1, steps=3000, lr=2e-3, warmup=100, schedule="cosine",
-                 eval_every=250, eval_batches=8, save_every=250),
+                 eval_every=250, eval_batches=8, save_every=250, keep_best=True),
     ),
 }
 # fmt: on

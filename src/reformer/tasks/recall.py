@@ -95,7 +95,7 @@ PRESETS = {
                    bucket_size=64, n_hashes=4, lsh_key_rule="chunks", local_chunk_size=16,
                    position_embedding="rotary", token_shift=True, reversible=False, max_seq_len=1 << 20),
         run=dict(seq_len=4096, batch_size=1, steps=6000, lr=2e-3, warmup=100, schedule="cosine",
-                 eval_every=250, eval_batches=4, save_every=250),
+                 eval_every=250, eval_batches=4, save_every=250, keep_best=True),
         task_settings=dict(min_len=64, curriculum_start=128, lm_weight=0.0, eval_lengths=(1024, 4096)),
     ),
 }
