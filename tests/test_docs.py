@@ -185,12 +185,13 @@ def test_documented_command_parses(argv, tmp_path, monkeypatch):
         Path(config).parent.mkdir(parents=True)
         Path(config).write_text(json.dumps(preset_config(default_preset(task), task).to_dict()))
     run = argv[1] if argv[:1] in (["eval"], ["predict"]) and len(argv) > 1 else None
-    trained = run and (run if run in trained_tasks() else Path(run).parent.as_posix())
-    if trained in trained_tasks() and (trained == run or Path(run).name == "best"):
+    trained = trained_tasks()
+    folder = Path(run).parent.as_posix() if run not in trained and run and Path(run).name == "best" else run
+    if folder in trained:
         # The run folder a documented command trained (or its --keep-best copy), as far as its task
         # (which adds flags) goes.
         (tmp_path / run).mkdir(parents=True)
-        (tmp_path / run / "train_config.json").write_text(json.dumps({"task": trained_tasks()[trained]}))
+        (tmp_path / run / "train_config.json").write_text(json.dumps({"task": trained[folder]}))
     with documented_tasks():
         try:
             args = build_parser(argv).parse_args(argv)

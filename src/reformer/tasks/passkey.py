@@ -105,8 +105,8 @@ def passkey_example(
         fill = fill.copy()
         width = digits + 2
         slots = min(decoys, n_fill // width)
+        stretch = n_fill // max(slots, 1)
         for slot, number in enumerate(decoy_numbers(key, slots, generator)):
-            stretch = n_fill // slots
             at = slot * stretch + int(torch.randint(0, stretch - width + 1, (), generator=generator))
             fill[at : at + width] = np.frombuffer(number, np.uint8)
     cut = int(round(depth * n_fill))

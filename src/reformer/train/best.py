@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..files import atomic_write_text, fsync_dir
+from ..files import atomic_write, atomic_write_text, fsync_dir
 from ..tasks import Task
 from .config import TRAIN_CONFIG_FILE
 
@@ -60,10 +60,9 @@ class BestKeeper:
         shutil.rmtree(new, ignore_errors=True)
         model.save_pretrained(new)
         self.task.save_files(new)
-        shutil.copy2(self.run / TRAIN_CONFIG_FILE, new / TRAIN_CONFIG_FILE)
+        atomic_write(new / TRAIN_CONFIG_FILE, lambda tmp: shutil.copyfile(self.run / TRAIN_CONFIG_FILE, tmp))
         record = {"step": step, "metric": self.metric, "value": value, "direction": self.direction}
         atomic_write_text(new / BEST_FILE, json.dumps(record, indent=2) + "\n")
-        fsync_dir(new)
         if final.exists():
             final.rename(old)
         new.rename(final)
