@@ -176,3 +176,16 @@ def test_passkey_decoys_are_in_training_haystacks_only():
         assert len(re.findall(rb" \d{5} ", text.replace(needle.group(0), b""))) == expected, split
     with pytest.raises(ValueError, match="--train-decoys -1"):
         TrainConfig(task="passkey", seq_len=4096, task_settings={"train_decoys": -1}).make_task().validate()
+
+
+def test_passkey_decoys_start_at_the_decoys_from_length():
+    from reformer.train.config import TrainConfig
+
+    settings = {"filler": "repeat", "train_decoys": 4, "decoys_from": 600}
+    task = TrainConfig(task="passkey", seq_len=1024, task_settings=settings).make_task()
+    for length, expected in ((599, 0), (600, 4), (900, 4)):
+        inputs, targets = task.example(length, 0.5, torch.Generator().manual_seed(2), "train")
+        needle, text = _parse_passkey(inputs, targets)
+        assert len(re.findall(rb" \d{5} ", text.replace(needle.group(0), b""))) == expected, length
+    with pytest.raises(ValueError, match="--decoys-from -1"):
+        TrainConfig(task="passkey", seq_len=4096, task_settings={"decoys_from": -1}).make_task().validate()

@@ -150,6 +150,10 @@ class PasskeySettings(RetrievalSettings):
         "haystacks have none): they make the model bind the digits to the phrase, not to the digits "
         "before them, which text full of numbers defeats at long lengths",
     )  # fmt: skip
+    decoys_from: int = setting(
+        0, "training haystacks shorter than this many tokens get no decoys, so that a model learns the "
+        "task on short clean haystacks before the decoys make it harder (0: every training haystack)",
+    )  # fmt: skip
 
 
 class PasskeyTask(RetrievalTask):
@@ -174,6 +178,8 @@ class PasskeyTask(RetrievalTask):
             raise ValueError(f"--filler {self.settings.filler!r} is unknown; use one of {FILLERS}")
         if self.settings.train_decoys < 0:
             raise ValueError(f"--train-decoys {self.settings.train_decoys} must be 0 or more")
+        if self.settings.decoys_from < 0:
+            raise ValueError(f"--decoys-from {self.settings.decoys_from} must be 0 or more")
         if not 1 <= self.settings.digits <= 64:
             raise ValueError(f"--digits {self.settings.digits} must lie in [1, 64]")
         shortest = min_passkey_length(self.settings.digits)
@@ -190,7 +196,8 @@ class PasskeyTask(RetrievalTask):
         return self._fillers[key]
 
     def example(self, length: int, value: float, generator: torch.Generator, split: str) -> Batch:
-        decoys = self.settings.train_decoys if split == "train" else 0
+        with_decoys = split == "train" and length >= self.settings.decoys_from
+        decoys = self.settings.train_decoys if with_decoys else 0
         return passkey_example(length, value, self.filler(split), generator, self.settings.digits, decoys)
 
     def train_grid_value(self, length: int, generator: torch.Generator) -> float:
