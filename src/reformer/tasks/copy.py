@@ -107,16 +107,28 @@ class CopyTask(Task):
         parser.add_argument(
             "--max-tokens", type=int, help="evaluate about this many tokens (default: 32 sequences)"
         )
+        parser.add_argument(
+            "--length", type=int,
+            help="tokens per test sequence (default: the training length); longer than training needs "
+            "a position scheme that runs past it (rotary or none)",
+        )  # fmt: skip
 
     def test_batches(self, model: nn.Module, options: argparse.Namespace) -> Iterable[Batch]:
-        """Fresh sequences from ``TEST_SEED``: ``--max-tokens`` (default 32 sequences) in whole batches."""
-        size, length = self.eval_batch_size(options), self.cfg.seq_len
+        """Fresh sequences of ``--length`` tokens (default: the training length) from ``TEST_SEED``:
+        ``--max-tokens`` (default 32 sequences) in whole batches."""
+        size, length = self.eval_batch_size(options), getattr(options, "length", None) or self.cfg.seq_len
+        limit = model.config.max_seq_len
+        if length > limit:
+            raise ValueError(
+                f"--length {length} exceeds the model's max_seq_len {limit}; a model trained with "
+                "--position-embedding rotary or none and a larger max_seq_len evaluates longer sequences"
+            )
         generator = torch.Generator().manual_seed(TEST_SEED)
         n_batches = max(1, -(-(options.max_tokens or 32 * length) // (size * length)))
         return [copy_task_batch(size, length, generator) for _ in range(n_batches)]
 
     def report(self, model: nn.Module, device: torch.device) -> list[str]:
-        options = argparse.Namespace(batch_size=None, max_tokens=None)
+        options = argparse.Namespace(batch_size=None, max_tokens=None, length=None)
         metrics = self.evaluate(model, self.test_batches(model, options), device, n_hashes=8)
         return [f"copy-task accuracy with 8 hashes: {metrics['accuracy']:.4f}"]
 
