@@ -402,11 +402,23 @@ def test_copy_test_batches_take_the_eval_length_within_the_models_reach():
     from reformer.models import ReformerLM
 
     task = TrainConfig(task="copy", seq_len=20, model={}).make_task()
-    model = ReformerLM(ReformerConfig(vocab_size=128, d_model=16, n_heads=2, n_layers=1, max_seq_len=64,
-                                      position_embedding="rotary", attn_layers=("local",)))
+    model = ReformerLM(
+        ReformerConfig(
+            vocab_size=128,
+            d_model=16,
+            n_heads=2,
+            n_layers=1,
+            max_seq_len=64,
+            position_embedding="rotary",
+            attn_layers=("local",),
+        )
+    )
     options = argparse.Namespace(batch_size=2, max_tokens=96, length=48)
     batches = task.test_batches(model, options)
     assert [tuple(inputs.shape) for inputs, _ in batches] == [(2, 48)]
-    assert tuple(task.test_batches(model, argparse.Namespace(batch_size=2, max_tokens=40))[0][0].shape) == (2, 20)
+    assert tuple(task.test_batches(model, argparse.Namespace(batch_size=2, max_tokens=40))[0][0].shape) == (
+        2,
+        20,
+    )
     with pytest.raises(ValueError, match="--length 80 exceeds the model's max_seq_len 64"):
         task.test_batches(model, argparse.Namespace(batch_size=2, max_tokens=None, length=80))
