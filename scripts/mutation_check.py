@@ -302,10 +302,23 @@ MUTATIONS = [
     ),
     Mutation(
         "passkey-decoys-in-tests", "tasks/passkey.py",
-        'decoys = self.settings.train_decoys if split == "train" else 0',
-        "decoys = self.settings.train_decoys",
+        'with_decoys = split == "train" and length >= self.settings.decoys_from',
+        "with_decoys = length >= self.settings.decoys_from",
         "held-out and test haystacks carry the training decoys",
         ("tests/tasks/test_long_context_data.py",),
+    ),
+    Mutation(
+        "passkey-decoys-from-ignored", "tasks/passkey.py",
+        'with_decoys = split == "train" and length >= self.settings.decoys_from',
+        'with_decoys = split == "train"',
+        "--decoys-from is ignored: short training haystacks carry decoys too",
+        ("tests/tasks/test_long_context_data.py",),
+    ),
+    Mutation(
+        "copy-eval-length-ignored", "tasks/copy.py",
+        'getattr(options, "length", None) or self.cfg.seq_len', "self.cfg.seq_len",
+        "copy eval --length is ignored: test sequences keep the training length",
+        ("tests/tasks/test_tasks.py",),
     ),
     Mutation(
         "best-direction", "train/best.py",

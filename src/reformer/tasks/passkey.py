@@ -127,13 +127,14 @@ def min_passkey_length(digits: int = 5) -> int:
 # fmt: off
 PRESETS = {
     "passkey": Preset(
-        "passkey", "passkey retrieval: a 4-layer local/LSH byte model trained on 128-8K tokens, tested to 1M",
-        tasks=("passkey",),
+        "passkey", "passkey retrieval: a 4-layer local/LSH byte model trained on 128-8K tokens with decoys, "
+        "tested to 1M", tasks=("passkey",),
         model=dict(d_model=128, n_heads=4, n_layers=4, d_ff=256, attn_layers=("local", "lsh", "local", "lsh"),
                    bucket_size=64, n_hashes=4, lsh_key_rule="chunks", local_chunk_size=64,
                    position_embedding="rotary", reversible=False, max_seq_len=1 << 20),
-        run=dict(seq_len=8192, batch_size=1, steps=3000, lr=2e-3, warmup=100, schedule="cosine",
+        run=dict(seq_len=8192, batch_size=1, steps=2000, lr=1e-3, warmup=100, schedule="cosine",
                  eval_every=250, eval_batches=8, save_every=250, keep_best=True),
+        task_settings=dict(train_decoys=8, decoys_from=512),
     ),
 }
 # fmt: on

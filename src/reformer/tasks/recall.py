@@ -89,12 +89,12 @@ def query_gaps(targets: torch.Tensor, n_pairs: int) -> torch.Tensor:
 PRESETS = {
     "recall": Preset(
         "recall",
-        "multi-query associative recall: a 4-layer local/LSH model with token shift trained on 64-4K tokens",
-        tasks=("recall",),
-        model=dict(d_model=128, n_heads=4, n_layers=4, d_ff=256, attn_layers=("local", "lsh", "local", "lsh"),
-                   bucket_size=64, n_hashes=4, lsh_key_rule="chunks", local_chunk_size=16,
-                   position_embedding="rotary", token_shift=True, reversible=False, max_seq_len=1 << 20),
-        run=dict(seq_len=4096, batch_size=1, steps=6000, lr=2e-3, warmup=100, schedule="cosine",
+        "multi-query associative recall: 2 LSH layers with token shift and no positions, trained on 64-4K "
+        "tokens", tasks=("recall",),
+        model=dict(d_model=128, n_heads=4, n_layers=2, d_ff=256, attn_layers=("lsh", "lsh"),
+                   bucket_size=64, n_hashes=4, lsh_key_rule="chunks", position_embedding="none",
+                   token_shift=True, reversible=False, max_seq_len=1 << 20),
+        run=dict(seq_len=4096, batch_size=1, steps=3000, lr=1e-3, warmup=100, schedule="cosine",
                  eval_every=250, eval_batches=4, save_every=250, keep_best=True),
         task_settings=dict(min_len=64, curriculum_start=128, lm_weight=0.0, eval_lengths=(1024, 4096)),
     ),
