@@ -165,18 +165,22 @@ def test_recall_pairs_that_cannot_fit_are_named(tmp_path, capsys):
 
 
 def test_the_presets_keep_the_lsh_layers_free_of_positions():
-    """Rotary positions reach the local layers only: an LSH layer's scores must not depend on where a
-    token stands, or retrieval could not run past the lengths seen in training."""
+    """Rotary positions reach the local layers only (passkey), and recall has no positions at all: an
+    LSH layer's scores must not depend on where a token stands, or retrieval could not run past the
+    lengths seen in training."""
     from reformer.attention import LocalSelfAttention, LSHSelfAttention
     from reformer.tasks import get_task
     from reformer.train.config import preset_config
 
-    for name in ("passkey", "recall"):
+    for name, local_rotary in (("passkey", True), ("recall", None)):
         model = get_task(name)(preset_config(name)).build_model()
         layers = [m for m in model.modules() if isinstance(m, LocalSelfAttention | LSHSelfAttention)]
         kinds = {type(m): m.rotary_base for m in layers}
-        assert kinds[LocalSelfAttention] is not None and kinds[LSHSelfAttention] is None
-        assert model.config.max_seq_len == 2**20 and math.isclose(model.config.rotary_base, 10000.0)
+        assert kinds[LSHSelfAttention] is None and model.config.max_seq_len == 2**20
+        if local_rotary:
+            assert kinds[LocalSelfAttention] is not None and math.isclose(model.config.rotary_base, 10000.0)
+        else:
+            assert LocalSelfAttention not in kinds and model.config.position_embedding == "none"
 
 
 def test_eval_options_reject_an_empty_cell():
