@@ -316,7 +316,7 @@ MUTATIONS = [
     ),
     Mutation(
         "copy-eval-length-ignored", "tasks/copy.py",
-        'getattr(options, "length", None) or self.cfg.seq_len', "self.cfg.seq_len",
+        'options.length or self.cfg.seq_len', "self.cfg.seq_len",
         "copy eval --length is ignored: test sequences keep the training length",
         ("tests/tasks/test_tasks.py",),
     ),

@@ -172,7 +172,7 @@ def test_the_presets_keep_the_lsh_layers_free_of_positions():
     from reformer.tasks import get_task
     from reformer.train.config import preset_config
 
-    for name, local_rotary in (("passkey", True), ("recall", None)):
+    for name, local_rotary in (("passkey", True), ("recall", False)):
         model = get_task(name)(preset_config(name)).build_model()
         layers = [m for m in model.modules() if isinstance(m, LocalSelfAttention | LSHSelfAttention)]
         kinds = {type(m): m.rotary_base for m in layers}

@@ -413,12 +413,9 @@ def test_copy_test_batches_take_the_eval_length_within_the_models_reach():
             attn_layers=("local",),
         )
     )
-    options = argparse.Namespace(batch_size=2, max_tokens=96, length=48)
-    batches = task.test_batches(model, options)
-    assert [tuple(inputs.shape) for inputs, _ in batches] == [(2, 48)]
-    assert tuple(task.test_batches(model, argparse.Namespace(batch_size=2, max_tokens=40))[0][0].shape) == (
-        2,
-        20,
-    )
-    with pytest.raises(ValueError, match="--length 80 exceeds the model's max_seq_len 64"):
+    longer = task.test_batches(model, argparse.Namespace(batch_size=2, max_tokens=96, length=48))
+    assert [tuple(inputs.shape) for inputs, _ in longer] == [(2, 48)]
+    trained = task.test_batches(model, argparse.Namespace(batch_size=2, max_tokens=40, length=None))
+    assert [tuple(inputs.shape) for inputs, _ in trained] == [(2, 20)]
+    with pytest.raises(ValueError, match="--length 80: input length 80 exceeds max_seq_len=64"):
         task.test_batches(model, argparse.Namespace(batch_size=2, max_tokens=None, length=80))

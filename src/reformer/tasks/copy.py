@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE_INDEX
+from ..models.base import too_long_message
 from .base import HELD_OUT_SEED, Batch, Preset, Task
 
 COPY_SYMBOLS = 127  # symbols 1..127; 0 separates the halves
@@ -116,13 +117,9 @@ class CopyTask(Task):
     def test_batches(self, model: nn.Module, options: argparse.Namespace) -> Iterable[Batch]:
         """Fresh sequences of ``--length`` tokens (default: the training length) from ``TEST_SEED``:
         ``--max-tokens`` (default 32 sequences) in whole batches."""
-        size, length = self.eval_batch_size(options), getattr(options, "length", None) or self.cfg.seq_len
-        limit = model.config.max_seq_len
-        if length > limit:
-            raise ValueError(
-                f"--length {length} exceeds the model's max_seq_len {limit}; a model trained with "
-                "--position-embedding rotary or none and a larger max_seq_len evaluates longer sequences"
-            )
+        size, length = self.eval_batch_size(options), options.length or self.cfg.seq_len
+        if length > model.config.max_seq_len:
+            raise ValueError(f"--length {length}: {too_long_message(length, model.config)}")
         generator = torch.Generator().manual_seed(TEST_SEED)
         n_batches = max(1, -(-(options.max_tokens or 32 * length) // (size * length)))
         return [copy_task_batch(size, length, generator) for _ in range(n_batches)]
